@@ -1,0 +1,184 @@
+"""Figures: training curves, reconstruction grids, code maps and sample grids.
+
+Kept apart from the models so `vqvae.py` and `pixelcnn.py` know nothing about files.
+Every figure is written atomically (to a temporary file, then renamed), so a person
+watching a run, or a run killed mid-write, never sees a half-written image.
+"""
+
+import csv
+import json
+import os
+import tempfile
+
+import matplotlib
+
+matplotlib.use("Agg")
+import keras  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def atomic_write(path, write):
+    """Call `write(temporary_path)`, then move the result to `path` in one step."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    suffix = ".keras" if path.endswith(".keras") else os.path.splitext(path)[1]
+    handle, temporary = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=suffix)
+    os.close(handle)
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+def write_json(path, data):
+    def write(temporary):
+        with open(temporary, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+            f.write("\n")
+
+    atomic_write(path, write)
+
+
+def save_figure(figure, path):
+    atomic_write(path, lambda temporary: figure.savefig(temporary, dpi=100, bbox_inches="tight"))
+    plt.close(figure)
+
+
+def read_history(csv_path):
+    """A CSVLogger file as {column: [float, ...]}."""
+    with open(csv_path) as f:
+        rows = list(csv.DictReader(f))
+    return {key: [float(row[key]) if row[key] not in ("", None) else np.nan for row in rows]
+            for key in (rows[0] if rows else {})}
+
+
+def plot_losses(history, path, keys=("loss", "reconstruction_loss", "vq_loss", "val_loss",
+                                     "val_reconstruction_loss"), title="VQ-VAE losses"):
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for key in keys:
+        values = np.asarray(history.get(key, []), dtype=float)
+        if values.size and np.all(values[np.isfinite(values)] > 0):
+            axis.plot(np.arange(1, values.size + 1), values, marker="o", ms=3, label=key,
+                      linestyle="--" if key.startswith("val_") else "-")
+    axis.set_yscale("log")
+    axis.set_xlabel("epoch")
+    axis.set_ylabel("loss (log scale)")
+    axis.set_title(title)
+    axis.grid(True, which="both", alpha=0.3)
+    axis.legend(fontsize=8)
+    save_figure(figure, path)
+
+
+def plot_ssim(history, path):
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for key, style in (("ssim", "-"), ("val_ssim", "--")):
+        values = history.get(key, [])
+        if len(values):
+            axis.plot(np.arange(1, len(values) + 1), values, style, marker="o", ms=3, label=key)
+    if len(history.get("val_ssim", [])):
+        best = int(np.nanargmax(history["val_ssim"]))
+        axis.annotate(f"best {history['val_ssim'][best]:.3f}", (best + 1, history["val_ssim"][best]),
+                      textcoords="offset points", xytext=(-30, -15), fontsize=8)
+    axis.set_xlabel("epoch")
+    axis.set_ylabel("SSIM")
+    axis.set_title("Reconstruction SSIM")
+    axis.grid(True, alpha=0.3)
+    axis.legend(fontsize=8)
+    save_figure(figure, path)
+
+
+def image_grid(rows, path, row_titles=None, cmap="gray", title=None, vmin=0.0, vmax=1.0):
+    """Draw a list of rows of (H, W) or (H, W, 1) images as one grid."""
+    n_rows, n_cols = len(rows), max(len(r) for r in rows)
+    height, width = np.squeeze(rows[0][0]).shape
+    figure, axes = plt.subplots(n_rows, n_cols, figsize=(n_cols * 1.6 * width / height + 0.3, n_rows * 1.6),
+                                squeeze=False)
+    for r, row in enumerate(rows):
+        for c in range(n_cols):
+            axis = axes[r][c]
+            axis.set_xticks([])
+            axis.set_yticks([])
+            if c < len(row):
+                axis.imshow(np.squeeze(row[c]), cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
+            else:
+                axis.axis("off")
+        if row_titles:
+            axes[r][0].set_ylabel(row_titles[r], fontsize=8)
+    if title:
+        figure.suptitle(title, fontsize=10)
+    figure.subplots_adjust(wspace=0.03, hspace=0.03)
+    save_figure(figure, path)
+
+
+def reconstruction_grid(originals, reconstructions, path, ssims=None, cmap="gray", title=None, columns=8):
+    """Two rows of originals over two rows of their reconstructions (an 8x4 grid of 16).
+
+    Images are in [0, 1]."""
+    originals = np.clip(np.asarray(originals)[: 2 * columns], 0, 1)
+    reconstructions = np.clip(np.asarray(reconstructions)[: 2 * columns], 0, 1)
+    halves = [slice(0, columns), slice(columns, 2 * columns)]
+    rows = [originals[h] for h in halves] + [reconstructions[h] for h in halves]
+    rows = [r for r in rows if len(r)]
+    n = len(rows) // 2
+    titles = ["original"] * n + ["reconstruction"] * n
+    if ssims is not None and title is None:
+        title = f"mean SSIM of these {len(originals)}: {np.mean(ssims[: 2 * columns]):.3f}"
+    image_grid(rows, path, titles, cmap=cmap, title=title)
+
+
+def code_map_figure(images, indices, num_embeddings, path):
+    """Each slice next to its grid of code indices."""
+    n = len(images)
+    figure, axes = plt.subplots(2, n, figsize=(n * 2.2, 4.6), squeeze=False)
+    for i in range(n):
+        axes[0][i].imshow(np.squeeze(np.clip(images[i], 0, 1)), cmap="gray", vmin=0, vmax=1)
+        shown = axes[1][i].imshow(indices[i], cmap="nipy_spectral", vmin=0, vmax=num_embeddings - 1,
+                                  interpolation="nearest")
+        for axis in (axes[0][i], axes[1][i]):
+            axis.set_xticks([])
+            axis.set_yticks([])
+    axes[0][0].set_ylabel("slice")
+    axes[1][0].set_ylabel(f"codes {indices.shape[1]}x{indices.shape[2]}")
+    figure.colorbar(shown, ax=list(axes[1]), fraction=0.02, label="code index")
+    save_figure(figure, path)
+
+
+# ---------------------------------------------------------------------------
+# Callbacks that keep the run folder's figures current
+
+
+class TrainingPlots(keras.callbacks.Callback):
+    """Rewrite the loss plot (log scale) and the SSIM plot after every epoch."""
+
+    def __init__(self, run_dir):
+        super().__init__()
+        self.run_dir = run_dir
+        self.history = {}
+
+    def on_epoch_end(self, epoch, logs=None):
+        for key, value in (logs or {}).items():
+            self.history.setdefault(key, []).append(float(value))
+        plot_losses(self.history, os.path.join(self.run_dir, "loss.png"))
+        plot_ssim(self.history, os.path.join(self.run_dir, "ssim.png"))
+
+
+class ReconstructionGrids(keras.callbacks.Callback):
+    """Every `every` epochs, write the reconstruction grid of a fixed batch of slices."""
+
+    def __init__(self, images, run_dir, shift, every=1, cmap="gray"):
+        super().__init__()
+        self.images = images
+        self.run_dir = run_dir
+        self.shift = shift
+        self.every = every
+        self.cmap = cmap
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.every and (epoch + 1) % self.every == 0:
+            reconstructions = self.model(self.images, training=False).numpy()
+            reconstruction_grid(self.images - self.shift, reconstructions - self.shift,
+                                os.path.join(self.run_dir, "reconstructions_latest.png"), cmap=self.cmap,
+                                title=f"validation slices after epoch {epoch + 1}")

@@ -1,0 +1,94 @@
+"""driver.py: flag checking, a tiny end-to-end run, and the reconstruct command."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import pytest
+
+import driver
+
+PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--K", "8", "--D", "4", "--filters", "4", "8", "--res-blocks", "1", "--batch-size", "4",
+        "--learning-rate", "3e-3"]
+
+
+def run_error(argv, capsys=None):
+    with pytest.raises(SystemExit) as exit_info:
+        driver.main(argv)
+    message = str(exit_info.value.code)
+    assert message.startswith("driver.py: error: ") and "\n" not in message
+    return message
+
+
+def test_help_lists_every_flag_with_its_default():
+    result = subprocess.run([sys.executable, "driver.py", "-h"], cwd=PROJECT, capture_output=True, text=True,
+                            check=True)
+    for flag in ("--data", "--K", "--D", "--beta", "--epochs", "--batch-size", "--learning-rate", "--shift",
+                 "--out", "--seed", "--image-size"):
+        assert flag in result.stdout
+    assert "(default: 128)" in result.stdout and "(default: 0.25)" in result.stdout
+    assert "reconstruct" in result.stdout
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--K", "1"], "--K must be >= 2, got 1"),
+    (["--D", "0"], "--D must be >= 1, got 0"),
+    (["--epochs", "-3"], "--epochs must be >= 1, got -3"),
+    (["--image-size", "102"], "--image-size 102x102 is not divisible by the downsampling factor 4"),
+    (["--image-size", "64", "60", "--filters", "8", "8", "8"], "not divisible by the downsampling factor 8"),
+    (["--data", "/no/such/folder"], "--data /no/such/folder: no such folder"),
+    (["--learning-rate", "0"], "--learning-rate must be > 0"),
+    (["--ema-decay", "1"], "--ema-decay must be in [0, 1)"),
+    (["--cmap", "nonsense"], "--cmap 'nonsense' is not a matplotlib colormap"),
+])
+def test_bad_flags_exit_with_one_line(argv, message):
+    assert message in run_error(argv)
+
+
+def test_folder_with_no_images(tmp_path):
+    (tmp_path / "notes.txt").write_text("no images here")
+    assert "no images found" in run_error(["--data", str(tmp_path), "--out", str(tmp_path / "run")])
+
+
+def test_train_then_reconstruct(oasis_root, tmp_path):
+    run = str(tmp_path / "run")
+    run_dir, metrics = driver.main(["--data", oasis_root, "--out", run, "--epochs", "2", *TINY])
+    assert run_dir == run
+    for name in ("vqvae.keras", "vqvae_last.keras", "config.json", "metrics.json", "history.csv", "loss.png",
+                 "ssim.png", "reconstructions.png", "reconstructions_latest.png", "code_maps.png"):
+        assert os.path.exists(os.path.join(run, name)), name
+    saved = json.load(open(os.path.join(run, "metrics.json")))
+    for key in ("val_ssim_best", "test_ssim_mean", "test_ssim_min", "test_psnr_mean", "codebook_usage",
+                "perplexity"):
+        assert key in saved
+    assert saved["test_slices"] == 8 and -1 <= saved["test_ssim_min"] <= saved["test_ssim_mean"] <= 1
+    config = json.load(open(os.path.join(run, "config.json")))
+    assert config["image_size"] == [32, 32] and config["layout"] == "oasis" and config["K"] == 8
+    with open(os.path.join(run, "history.csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 and "val_ssim" in rows[0]
+    model = keras.models.load_model(os.path.join(run, "vqvae.keras"))
+    assert model.num_embeddings == 8
+
+    summary = driver.main(["reconstruct", "--run", run, "--batch-size", "3"])
+    out = os.path.join(run, "reconstruct-keras_png_slices_test")
+    with open(os.path.join(out, "reconstruction.csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 8 and rows[0]["slice"].endswith(".png")
+    assert abs(summary["ssim_mean"] - saved["test_ssim_mean"]) < 1e-3  # same slices, same model
+    assert os.path.exists(os.path.join(out, "grid_00.png"))
+
+    assert "already holds a run" in run_error(["--data", oasis_root, "--out", run])
+    assert "no config.json" in run_error(["reconstruct", "--run", str(tmp_path)])
+
+
+def test_train_on_nifti_volumes_with_image_size(hipmri_root, tmp_path):
+    run = str(tmp_path / "run")
+    _, metrics = driver.main(["--data", hipmri_root, "--out", run, "--epochs", "1", "--image-size", "24", "16",
+                              *TINY])
+    assert json.load(open(os.path.join(run, "config.json")))["image_size"] == [24, 16]
+    assert metrics["test_slices"] == 3

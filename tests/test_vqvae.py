@@ -1,0 +1,205 @@
+"""vqvae.py: the quantizer, encoder/decoder shapes, the model's training and saving."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import vqvae
+
+
+def make_quantizer(codebook, **kwargs):
+    codebook = np.asarray(codebook, np.float32)
+    quantizer = vqvae.VectorQuantizer(codebook.shape[0], codebook.shape[1], **kwargs)
+    quantizer.build((None, codebook.shape[1]))
+    quantizer.codebook.assign(codebook)
+    return quantizer
+
+
+CODEBOOK = [[0.0, 0.0], [1.0, 0.0], [0.0, 2.0]]
+
+
+# ---------------------------------------------------------------------------
+# VectorQuantizer
+
+
+def test_nearest_code_is_chosen():
+    quantizer = make_quantizer(CODEBOOK)
+    inputs = tf.constant([[[0.1, -0.1], [0.9, 0.2], [0.2, 1.5], [0.6, 0.0]]])
+    quantized, indices = quantizer(inputs)
+    assert indices.numpy().tolist() == [[0, 1, 2, 1]]
+    np.testing.assert_allclose(quantized.numpy()[0], np.array(CODEBOOK)[[0, 1, 2, 1]], atol=1e-6)
+
+
+def test_straight_through_gradient_is_identity():
+    quantizer = make_quantizer(CODEBOOK)
+    inputs = tf.Variable([[0.1, -0.1], [0.9, 0.2]])
+    weights = tf.constant([[1.0, 2.0], [3.0, 4.0]])
+    with tf.GradientTape() as tape:
+        quantized, _ = quantizer(inputs)
+        loss = tf.reduce_sum(quantized * weights)
+    np.testing.assert_allclose(tape.gradient(loss, inputs).numpy(), weights.numpy())
+
+
+@pytest.mark.parametrize("ema_decay", [0.0, 0.99])
+def test_loss_terms(ema_decay):
+    inputs = tf.constant([[0.1, -0.1], [0.9, 0.2]])
+    quantizer = make_quantizer(CODEBOOK, beta=0.25, ema_decay=ema_decay)
+    quantizer(inputs)
+    squared_error = np.mean((inputs.numpy() - np.array(CODEBOOK)[[0, 1]]) ** 2)
+    # Commitment term beta * |z - sg(e)|^2, plus the codebook term |sg(z) - e|^2 when the
+    # codebook is learnt by gradients rather than moving averages.
+    expected = 0.25 * squared_error + (squared_error if ema_decay == 0 else 0)
+    np.testing.assert_allclose(float(quantizer.losses[0]), expected, rtol=1e-5)
+
+
+def test_loss_based_codebook_is_trainable_ema_is_not():
+    assert make_quantizer(CODEBOOK, ema_decay=0.0).codebook.trainable
+    assert not make_quantizer(CODEBOOK, ema_decay=0.9).codebook.trainable
+
+
+def test_ema_moves_codes_towards_their_vectors():
+    quantizer = make_quantizer(CODEBOOK, ema_decay=0.5, codebook_init="uniform", dead_code_steps=0)
+    inputs = tf.constant([[0.2, 0.2], [0.4, 0.0], [1.2, 0.0], [0.0, 1.8]])
+    for _ in range(30):
+        quantizer(inputs, training=True)
+    np.testing.assert_allclose(quantizer.codebook.numpy(), [[0.3, 0.1], [1.2, 0.0], [0.0, 1.8]], atol=1e-3)
+
+
+def test_kmeans_initialisation_spreads_codes_over_the_data():
+    rng = np.random.default_rng(0)
+    centres = np.array([[5.0, 5.0], [-5.0, 5.0], [0.0, -6.0], [7.0, -7.0]], np.float32)
+    points = (centres[rng.integers(0, 4, 2000)] + rng.normal(0, 0.1, (2000, 2))).astype(np.float32)
+    quantizer = vqvae.VectorQuantizer(4, 2, codebook_init="kmeans", kmeans_iterations=20, dead_code_steps=0)
+    keras.utils.set_random_seed(1)
+    quantizer(tf.constant(points), training=True)
+    assert float(quantizer.initialized.numpy()) == 1.0
+    _, indices = quantizer(tf.constant(points))
+    assert len(np.unique(indices.numpy())) >= 3  # the uniform init would put everything on one code
+    learnt = quantizer.codebook.numpy()
+    assert min(np.linalg.norm(learnt - c, axis=1).min() for c in centres) < 0.5
+
+
+def test_dead_codes_are_restarted_from_inputs():
+    quantizer = make_quantizer([[0.0, 0.0], [100.0, 100.0]], ema_decay=0.0, codebook_init="uniform",
+                               dead_code_steps=3)
+    inputs = tf.constant([[0.1, 0.0], [0.0, 0.1], [-0.1, 0.0]])
+    for _ in range(3):
+        quantizer(inputs, training=True)
+    restarted = quantizer.codebook.numpy()[1]
+    assert np.min(np.linalg.norm(inputs.numpy() - restarted, axis=1)) < 1e-6
+    assert quantizer.steps_unused.numpy()[1] == 0
+
+
+def test_quantizer_validates_arguments():
+    with pytest.raises(ValueError, match="num_embeddings must be >= 2, got 1"):
+        vqvae.VectorQuantizer(1, 4)
+    with pytest.raises(ValueError, match="embedding_dim must be >= 1, got 0"):
+        vqvae.VectorQuantizer(8, 0)
+    with pytest.raises(ValueError, match="ema_decay"):
+        vqvae.VectorQuantizer(8, 4, ema_decay=1.0)
+
+
+def test_quantizer_config_round_trip():
+    quantizer = vqvae.VectorQuantizer(16, 3, beta=0.5, ema_decay=0.9, codebook_init="uniform", dead_code_steps=7)
+    clone = vqvae.VectorQuantizer.from_config(quantizer.get_config())
+    assert clone.get_config() == quantizer.get_config()
+
+
+# ---------------------------------------------------------------------------
+# Codebook statistics and SSIM
+
+
+def test_codebook_statistics_perplexity():
+    stats = vqvae.CodebookStatistics(8)
+    stats.update_state(tf.constant([[0, 1, 2, 3], [4, 5, 6, 7]]))
+    np.testing.assert_allclose(stats.result()["perplexity"].numpy(), 8.0, rtol=1e-5)
+    assert stats.result()["codebook_usage"].numpy() == 1.0
+    stats.reset_state()
+    stats.update_state(tf.constant([3, 3, 3]))
+    np.testing.assert_allclose(stats.result()["perplexity"].numpy(), 1.0, rtol=1e-5)
+    assert stats.result()["codebook_usage"].numpy() == 1 / 8
+
+
+def test_mean_ssim_equals_mean_of_per_image_ssim():
+    rng = np.random.default_rng(0)
+    images = rng.uniform(-0.5, 0.5, (5, 24, 20, 1)).astype(np.float32)
+    noisy = images + rng.normal(0, 0.1, images.shape).astype(np.float32)
+    per_image = vqvae.image_ssim(images, noisy, -0.5).numpy()
+    np.testing.assert_allclose(vqvae.mean_ssim(images, noisy, -0.5).numpy(), per_image.mean(), rtol=1e-5)
+    np.testing.assert_allclose(vqvae.image_ssim(images, images, -0.5).numpy(), 1.0, rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# Encoder, decoder, model
+
+
+@pytest.mark.parametrize("height, width", [(32, 32), (256, 128), (40, 24)])
+@pytest.mark.parametrize("filters", [(4, 8), (4, 4, 8)])
+def test_encoder_decoder_shapes(height, width, filters):
+    factor = 2 ** len(filters)
+    if height % factor or width % factor:
+        pytest.skip("size not divisible by this downsampling")
+    model = vqvae.VQVAE(num_embeddings=8, latent_dim=3, filters=filters, num_res_blocks=1)
+    images = tf.zeros((2, height, width, 1))
+    indices = model.encode(images)
+    assert indices.shape == (2, height // factor, width // factor) and indices.dtype == tf.int32
+    assert model.decode(indices).shape == (2, height, width, 1)
+    assert model(images).shape == (2, height, width, 1)
+
+
+def tiny_images(n=16, size=16, seed=0):
+    """Smooth blobs in [-0.5, 0.5]: easy to compress, so training must improve on them."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size, 0:size] / size
+    images = [np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / 0.05) for cx, cy in rng.uniform(0.2, 0.8, (n, 2))]
+    return (np.stack(images)[..., None] - 0.5).astype(np.float32)
+
+
+def fitted_model(epochs=8, **kwargs):
+    keras.utils.set_random_seed(0)
+    model = vqvae.VQVAE(num_embeddings=16, latent_dim=4, filters=(8, 8), num_res_blocks=1, **kwargs)
+    model.compile(optimizer=keras.optimizers.Adam(3e-3))
+    dataset = tf.data.Dataset.from_tensor_slices(tiny_images()).batch(4)
+    history = model.fit(dataset, epochs=epochs, verbose=0)
+    return model, history.history
+
+
+def test_training_reduces_loss_and_tracks_metrics():
+    model, history = fitted_model()
+    assert history["reconstruction_loss"][-1] < 0.5 * history["reconstruction_loss"][0]
+    assert history["ssim"][-1] > history["ssim"][0]
+    for name in ("loss", "vq_loss", "psnr", "perplexity", "codebook_usage"):
+        assert np.all(np.isfinite(history[name])), name
+    assert 1 <= history["perplexity"][-1] <= 16
+
+
+def test_validation_callback_logs_val_metrics():
+    keras.utils.set_random_seed(0)
+    model = vqvae.VQVAE(num_embeddings=8, latent_dim=4, filters=(4, 4), num_res_blocks=0)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    dataset = tf.data.Dataset.from_tensor_slices(tiny_images(8)).batch(4)
+    history = model.fit(dataset, epochs=2, verbose=0, callbacks=[vqvae.ValidationMetrics(dataset, verbose=0)])
+    for name in ("val_ssim", "val_psnr", "val_perplexity", "val_codebook_usage", "val_loss"):
+        assert len(history.history[name]) == 2
+
+
+def test_save_load_round_trip(tmp_path):
+    model, _ = fitted_model(epochs=1, ema_decay=0.9, dead_code_steps=5, shift=-0.25)
+    path = str(tmp_path / "vqvae.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)  # no custom_objects: everything is registered
+    assert isinstance(loaded, vqvae.VQVAE)
+    assert loaded.get_config() == model.get_config()
+    images = tiny_images(4, seed=5)
+    np.testing.assert_allclose(loaded(images).numpy(), model(images).numpy(), atol=1e-5)
+    np.testing.assert_array_equal(loaded.encode(images).numpy(), model.encode(images).numpy())
+    np.testing.assert_allclose(loaded.quantizer.cluster_size.numpy(), model.quantizer.cluster_size.numpy())
+
+
+def test_score_split():
+    model, _ = fitted_model(epochs=1)
+    dataset = tf.data.Dataset.from_tensor_slices(tiny_images(6)).batch(4)
+    ssims, psnrs, stats = vqvae.score_split(model, dataset)
+    assert ssims.shape == (6,) and psnrs.shape == (6,)
+    assert np.all(ssims <= 1) and 0 < stats["codebook_usage"] <= 1 and stats["perplexity"] >= 1

@@ -1,0 +1,445 @@
+"""VQ-VAE: compress an MRI slice into a grid of discrete codes and reconstruct it.
+
+Following van den Oord et al. 2017 ("Neural Discrete Representation Learning") and the
+keras.io VQ-VAE example, with the fixes that keep the codebook healthy:
+
+1. `VectorQuantizer` maps each encoder output vector to its nearest codebook vector and
+   passes gradients straight through. By default the codebook is learnt by exponential
+   moving averages of the vectors assigned to each code (appendix A.1 of the paper), is
+   initialised by k-means on the first batch of encoder outputs, and codes unused for
+   `dead_code_steps` training steps are restarted from recent encoder outputs.
+   `ema_decay=0` gives the loss-based codebook of the paper and the keras.io example.
+2. `get_encoder` / `get_decoder`: CNNs with stride-2 stages and residual stacks with batch
+   normalisation. Each entry of `filters` is one stride-2 stage, so (16, 64) turns a
+   256x256 slice into a 64x64 grid of codes.
+3. `VQVAE`: the model, whose `train_step` minimises reconstruction MSE plus the quantizer
+   loss, and tracks SSIM, PSNR and the codebook's perplexity and usage over each epoch.
+4. `ValidationMetrics`: a callback that scores the whole validation split after each epoch.
+"""
+
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+from keras import layers
+
+PACKAGE = "mri_vqvae"
+# Keras' default of 0.99 leaves the moving statistics far from the batch statistics for the
+# first few hundred steps, so short runs validate much worse than they train.
+BN_MOMENTUM = 0.9
+
+
+# ---------------------------------------------------------------------------
+# The quantizer
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class VectorQuantizer(layers.Layer):
+    """Nearest-neighbour lookup into a codebook of `num_embeddings` vectors of size
+    `embedding_dim`, with the straight-through gradient estimator.
+
+    Adds `beta * commitment_loss` (+ the codebook loss when `ema_decay == 0`) as a layer
+    loss. `call` returns the quantized tensor and the (..., ) int32 code indices."""
+
+    def __init__(self, num_embeddings, embedding_dim, beta=0.25, ema_decay=0.99, epsilon=1e-5,
+                 codebook_init="kmeans", kmeans_iterations=10, dead_code_steps=50, **kwargs):
+        super().__init__(**kwargs)
+        if int(num_embeddings) < 2:
+            raise ValueError(f"num_embeddings must be >= 2, got {num_embeddings}")
+        if int(embedding_dim) < 1:
+            raise ValueError(f"embedding_dim must be >= 1, got {embedding_dim}")
+        if not 0 <= float(ema_decay) < 1:
+            raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
+        if codebook_init not in ("kmeans", "uniform"):
+            raise ValueError(f"codebook_init must be 'kmeans' or 'uniform', got {codebook_init!r}")
+        if int(dead_code_steps) < 0:
+            raise ValueError(f"dead_code_steps must be >= 0 (0 turns restarts off), got {dead_code_steps}")
+        self.num_embeddings = int(num_embeddings)
+        self.embedding_dim = int(embedding_dim)
+        self.beta = float(beta)
+        self.ema_decay = float(ema_decay)
+        self.epsilon = float(epsilon)
+        self.codebook_init = codebook_init
+        self.kmeans_iterations = int(kmeans_iterations)
+        self.dead_code_steps = int(dead_code_steps)
+
+    @property
+    def uses_ema(self):
+        return self.ema_decay > 0
+
+    def build(self, input_shape):
+        if input_shape[-1] != self.embedding_dim:
+            raise ValueError(f"VectorQuantizer expects inputs with {self.embedding_dim} channels, "
+                             f"got shape {input_shape}")
+        k, d = self.num_embeddings, self.embedding_dim
+        self.codebook = self.add_weight(
+            shape=(k, d), name="codebook", trainable=not self.uses_ema,
+            initializer=keras.initializers.RandomUniform(-1.0 / k, 1.0 / k),
+        )
+        # Moving averages of how many vectors each code received, and of their sum.
+        self.cluster_size = self.add_weight(shape=(k,), name="cluster_size", initializer="zeros",
+                                            trainable=False)
+        self.embedding_sum = self.add_weight(shape=(k, d), name="embedding_sum", initializer="zeros",
+                                             trainable=False)
+        self.steps_unused = self.add_weight(shape=(k,), name="steps_unused", initializer="zeros",
+                                            trainable=False)
+        self.initialized = self.add_weight(shape=(), name="initialized", initializer="zeros",
+                                           trainable=False)
+
+    def nearest_codes(self, flat_inputs):
+        """Index of the nearest codebook vector (squared L2) for each row of (N, D) inputs."""
+        distances = (
+            tf.reduce_sum(flat_inputs**2, axis=1, keepdims=True)
+            - 2 * tf.matmul(flat_inputs, self.codebook, transpose_b=True)
+            + tf.reduce_sum(self.codebook**2, axis=1)
+        )
+        return tf.argmin(distances, axis=1, output_type=tf.int32)
+
+    def call(self, inputs, training=False):
+        flat = tf.reshape(inputs, (-1, self.embedding_dim))
+        if training and self.codebook_init == "kmeans":
+            tf.cond(self.initialized > 0, lambda: tf.constant(False), lambda: self._kmeans_init(flat))
+        indices = self.nearest_codes(flat)
+        quantized = tf.reshape(tf.gather(self.codebook, indices), tf.shape(inputs))
+        if training:
+            self._update_codebook(flat, indices)
+
+        commitment_loss = tf.reduce_mean((inputs - tf.stop_gradient(quantized)) ** 2)
+        loss = self.beta * commitment_loss
+        if not self.uses_ema:
+            loss += tf.reduce_mean((tf.stop_gradient(inputs) - quantized) ** 2)
+        self.add_loss(loss)
+
+        # Straight-through estimator: the forward pass uses the codes, the backward pass
+        # copies the decoder's gradient to the encoder output as if quantization were identity.
+        quantized = inputs + tf.stop_gradient(quantized - inputs)
+        return quantized, tf.reshape(indices, tf.shape(inputs)[:-1])
+
+    def _assignment_stats(self, flat, indices):
+        """How many vectors went to each code and their sum, over all replicas."""
+        counts = tf.math.unsorted_segment_sum(tf.ones_like(flat[:, 0]), indices, self.num_embeddings)
+        sums = tf.math.unsorted_segment_sum(flat, indices, self.num_embeddings)
+        context = tf.distribute.get_replica_context()
+        if context is not None and context.num_replicas_in_sync > 1:
+            counts, sums = context.all_reduce(tf.distribute.ReduceOp.SUM, [counts, sums])
+        return counts, sums
+
+    def _random_rows(self, flat, count):
+        return tf.gather(flat, tf.random.uniform((count,), 0, tf.shape(flat)[0], dtype=tf.int32))
+
+    def _kmeans_init(self, flat):
+        """Initialise the codebook by Lloyd's k-means on one batch of encoder outputs."""
+        centers = self._random_rows(flat, self.num_embeddings)
+        counts = tf.zeros((self.num_embeddings,))
+        for _ in range(self.kmeans_iterations):
+            self.codebook.assign(centers)
+            counts, sums = self._assignment_stats(flat, self.nearest_codes(flat))
+            centers = tf.where(counts[:, None] > 0, sums / tf.maximum(counts[:, None], 1.0), centers)
+        self.codebook.assign(centers)
+        self.cluster_size.assign(counts)
+        self.embedding_sum.assign(centers * counts[:, None])
+        self.initialized.assign(1.0)
+        return tf.constant(True)
+
+    def _update_codebook(self, flat, indices):
+        counts, sums = self._assignment_stats(flat, indices)
+        if self.uses_ema:
+            decay = self.ema_decay
+            self.cluster_size.assign(decay * self.cluster_size + (1 - decay) * counts)
+            self.embedding_sum.assign(decay * self.embedding_sum + (1 - decay) * sums)
+            # Laplace smoothing keeps codes with a tiny cluster size from dividing by ~0.
+            total = tf.reduce_sum(self.cluster_size)
+            smoothed = (self.cluster_size + self.epsilon) / (total + self.num_embeddings * self.epsilon) * total
+            self.codebook.assign(self.embedding_sum / smoothed[:, None])
+        if self.dead_code_steps:
+            self._restart_dead_codes(flat, counts)
+
+    def _restart_dead_codes(self, flat, counts):
+        """Move codes unused for `dead_code_steps` steps onto random recent encoder outputs."""
+        steps_unused = tf.where(counts > 0, 0.0, self.steps_unused + 1)
+        dead = steps_unused >= self.dead_code_steps
+        # Every replica must restart a code at the same vector: take the first replica's draw.
+        replacement = self._random_rows(flat, self.num_embeddings)
+        context = tf.distribute.get_replica_context()
+        if context is not None and context.num_replicas_in_sync > 1:
+            first = tf.cast(tf.equal(context.replica_id_in_sync_group, 0), flat.dtype)
+            replacement = context.all_reduce(tf.distribute.ReduceOp.SUM, replacement * first)
+        self.codebook.assign(tf.where(dead[:, None], replacement, self.codebook))
+        if self.uses_ema:
+            self.cluster_size.assign(tf.where(dead, 1.0, self.cluster_size))
+            self.embedding_sum.assign(tf.where(dead[:, None], replacement, self.embedding_sum))
+        self.steps_unused.assign(tf.where(dead, 0.0, steps_unused))
+
+    def compute_output_shape(self, input_shape):
+        return input_shape, input_shape[:-1]
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            num_embeddings=self.num_embeddings, embedding_dim=self.embedding_dim, beta=self.beta,
+            ema_decay=self.ema_decay, epsilon=self.epsilon, codebook_init=self.codebook_init,
+            kmeans_iterations=self.kmeans_iterations, dead_code_steps=self.dead_code_steps,
+        )
+        return config
+
+
+# ---------------------------------------------------------------------------
+# Encoder and decoder
+
+
+def residual_block(x, filters, name):
+    """ReLU -> 3x3 conv -> BN -> ReLU -> 1x1 conv -> BN, added back to the input."""
+    y = layers.ReLU(name=f"{name}_relu1")(x)
+    y = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"{name}_conv3")(y)
+    y = layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"{name}_bn1")(y)
+    y = layers.ReLU(name=f"{name}_relu2")(y)
+    y = layers.Conv2D(filters, 1, use_bias=False, name=f"{name}_conv1")(y)
+    y = layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"{name}_bn2")(y)
+    return layers.Add(name=f"{name}_add")([x, y])
+
+
+def get_encoder(latent_dim, filters=(16, 64), num_res_blocks=2):
+    """(B, H, W, 1) slices -> (B, H / 2^len(filters), W / 2^len(filters), latent_dim)."""
+    inputs = keras.Input((None, None, 1))
+    x = inputs
+    for stage, width in enumerate(filters):
+        x = layers.Conv2D(width, 4, strides=2, padding="same", name=f"down{stage}_conv")(x)
+        x = layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"down{stage}_bn")(x)
+        x = layers.ReLU(name=f"down{stage}_relu")(x)
+    for block in range(num_res_blocks):
+        x = residual_block(x, filters[-1], f"res{block}")
+    x = layers.ReLU(name="out_relu")(x)
+    outputs = layers.Conv2D(latent_dim, 1, name="to_latent")(x)
+    return keras.Model(inputs, outputs, name="encoder")
+
+
+def get_decoder(latent_dim, filters=(16, 64), num_res_blocks=2):
+    """(B, h, w, latent_dim) codes -> (B, h * 2^len(filters), w * 2^len(filters), 1)."""
+    inputs = keras.Input((None, None, latent_dim))
+    x = layers.Conv2D(filters[-1], 3, padding="same", name="from_latent")(inputs)
+    for block in range(num_res_blocks):
+        x = residual_block(x, filters[-1], f"res{block}")
+    x = layers.ReLU(name="res_relu")(x)
+    for stage, width in enumerate(reversed(filters)):
+        x = layers.Conv2DTranspose(width, 4, strides=2, padding="same", name=f"up{stage}_conv")(x)
+        x = layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"up{stage}_bn")(x)
+        x = layers.ReLU(name=f"up{stage}_relu")(x)
+    outputs = layers.Conv2D(1, 3, padding="same", name="to_image")(x)
+    return keras.Model(inputs, outputs, name="decoder")
+
+
+# ---------------------------------------------------------------------------
+# Metrics
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class CodebookStatistics(keras.metrics.Metric):
+    """Perplexity and fraction of codes used, over every code index seen since the last
+    reset (so over a whole epoch or split, not one batch)."""
+
+    def __init__(self, num_embeddings, name="codebook", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.num_embeddings = int(num_embeddings)
+        self.counts = self.add_variable(shape=(self.num_embeddings,), initializer="zeros", name="counts")
+
+    def update_state(self, indices, sample_weight=None):
+        flat = tf.reshape(tf.cast(indices, tf.int32), (-1,))
+        self.counts.assign_add(tf.math.bincount(flat, minlength=self.num_embeddings,
+                                                maxlength=self.num_embeddings, dtype=tf.float32))
+
+    def result(self):
+        probabilities = self.counts / tf.maximum(tf.reduce_sum(self.counts), 1.0)
+        entropy = -tf.reduce_sum(tf.math.multiply_no_nan(tf.math.log(probabilities), probabilities))
+        used = tf.reduce_sum(tf.cast(self.counts > 0, tf.float32)) / self.num_embeddings
+        return {"perplexity": tf.exp(entropy), "codebook_usage": used}
+
+    def reset_state(self):
+        self.counts.assign(tf.zeros_like(self.counts))
+
+    def get_config(self):
+        return {"num_embeddings": self.num_embeddings, "name": self.name}
+
+
+def image_ssim(images, reconstructions, shift):
+    """Per-image SSIM with both images moved back to [0, 1] (SSIM is not shift-invariant)."""
+    return tf.image.ssim(images - shift, tf.clip_by_value(reconstructions - shift, 0.0, 1.0), max_val=1.0)
+
+
+def mean_ssim(images, reconstructions, shift):
+    """The mean of `image_ssim` over a batch, computed ~20x faster on CPU.
+
+    tf.image.ssim scores each channel separately and averages the channels, and its
+    depthwise Gaussian filter is far faster on one (1, H, W, B) image than on B images of
+    (H, W, 1); so moving the batch to the channel axis gives the same mean much sooner."""
+    to_channels = lambda x: tf.transpose(x[..., 0], (1, 2, 0))[None]  # noqa: E731
+    return tf.image.ssim(to_channels(images - shift),
+                         to_channels(tf.clip_by_value(reconstructions - shift, 0.0, 1.0)), max_val=1.0)[0]
+
+
+def image_psnr(images, reconstructions, shift):
+    return tf.image.psnr(images - shift, tf.clip_by_value(reconstructions - shift, 0.0, 1.0), max_val=1.0)
+
+
+# ---------------------------------------------------------------------------
+# The model
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class VQVAE(keras.Model):
+    """Encoder -> VectorQuantizer -> decoder, trained on reconstruction MSE + the VQ loss.
+
+    `shift` is where the data's [0, 1] range was moved to ([shift, 1 + shift]); it is only
+    used to score SSIM and PSNR on the original range."""
+
+    def __init__(self, num_embeddings=128, latent_dim=64, beta=0.25, filters=(16, 64), num_res_blocks=2,
+                 ema_decay=0.99, codebook_init="kmeans", dead_code_steps=50, shift=-0.5, **kwargs):
+        super().__init__(**kwargs)
+        if not filters or min(filters) < 1:
+            raise ValueError(f"filters must be a non-empty list of positive widths, got {filters}")
+        self.num_embeddings = int(num_embeddings)
+        self.latent_dim = int(latent_dim)
+        self.beta = float(beta)
+        self.filters = tuple(int(f) for f in filters)
+        self.num_res_blocks = int(num_res_blocks)
+        self.ema_decay = float(ema_decay)
+        self.codebook_init = codebook_init
+        self.dead_code_steps = int(dead_code_steps)
+        self.shift = float(shift)
+
+        self.encoder = get_encoder(self.latent_dim, self.filters, self.num_res_blocks)
+        self.quantizer = VectorQuantizer(self.num_embeddings, self.latent_dim, self.beta, self.ema_decay,
+                                         codebook_init=codebook_init, dead_code_steps=dead_code_steps,
+                                         name="vector_quantizer")
+        self.decoder = get_decoder(self.latent_dim, self.filters, self.num_res_blocks)
+        # Encoder and decoder are functional models and take any (H, W); build the quantizer
+        # too, so the model has all its weights before it first sees data (and can be saved).
+        self.quantizer.build((None, None, None, self.latent_dim))
+        self.built = True
+
+        self.total_loss_tracker = keras.metrics.Mean(name="loss")
+        self.reconstruction_loss_tracker = keras.metrics.Mean(name="reconstruction_loss")
+        self.vq_loss_tracker = keras.metrics.Mean(name="vq_loss")
+        self.ssim_tracker = keras.metrics.Mean(name="ssim")
+        self.psnr_tracker = keras.metrics.Mean(name="psnr")
+        self.codebook_tracker = CodebookStatistics(self.num_embeddings)
+
+    @property
+    def downsampling(self):
+        """How many pixels along each side one code covers."""
+        return 2 ** len(self.filters)
+
+    def call(self, images, training=False):
+        return self.reconstruct(images, training=training)[0]
+
+    def reconstruct(self, images, training=False):
+        """(B, H, W, 1) images -> their reconstructions and (B, H / d, W / d) code indices."""
+        quantized, indices = self.quantizer(self.encoder(images, training=training), training=training)
+        return self.decoder(quantized, training=training), indices
+
+    def encode(self, images):
+        """(B, H, W, 1) images -> (B, H / d, W / d) int32 code indices."""
+        _, indices = self.quantizer(self.encoder(images, training=False))
+        return indices
+
+    def decode(self, indices):
+        """(B, h, w) code indices -> (B, h * d, w * d, 1) images."""
+        return self.decoder(tf.gather(self.quantizer.codebook, indices), training=False)
+
+    @property
+    def metrics(self):
+        return [self.total_loss_tracker, self.reconstruction_loss_tracker, self.vq_loss_tracker,
+                self.ssim_tracker, self.psnr_tracker, self.codebook_tracker]
+
+    def _step(self, images, training):
+        reconstructions, indices = self.reconstruct(images, training=training)
+        reconstruction_loss = tf.reduce_mean((images - reconstructions) ** 2)
+        vq_loss = tf.add_n(self.quantizer.losses)
+        return reconstructions, indices, reconstruction_loss, vq_loss
+
+    def _update_metrics(self, images, reconstructions, indices, reconstruction_loss, vq_loss):
+        self.total_loss_tracker.update_state(reconstruction_loss + vq_loss)
+        self.reconstruction_loss_tracker.update_state(reconstruction_loss)
+        self.vq_loss_tracker.update_state(vq_loss)
+        batch_size = tf.cast(tf.shape(images)[0], tf.float32)
+        self.ssim_tracker.update_state(mean_ssim(images, reconstructions, self.shift), sample_weight=batch_size)
+        self.psnr_tracker.update_state(image_psnr(images, reconstructions, self.shift))
+        self.codebook_tracker.update_state(indices)
+        results = {}
+        for metric in self.metrics:
+            result = metric.result()
+            results.update(result if isinstance(result, dict) else {metric.name: result})
+        return results
+
+    def train_step(self, images):
+        with tf.GradientTape() as tape:
+            reconstructions, indices, reconstruction_loss, vq_loss = self._step(images, training=True)
+            loss = reconstruction_loss + vq_loss
+        gradients = tape.gradient(loss, self.trainable_variables)
+        self.optimizer.apply_gradients(zip(gradients, self.trainable_variables))
+        return self._update_metrics(images, reconstructions, indices, reconstruction_loss, vq_loss)
+
+    def test_step(self, images):
+        reconstructions, indices, reconstruction_loss, vq_loss = self._step(images, training=False)
+        return self._update_metrics(images, reconstructions, indices, reconstruction_loss, vq_loss)
+
+    def get_config(self):
+        return {
+            "num_embeddings": self.num_embeddings, "latent_dim": self.latent_dim, "beta": self.beta,
+            "filters": list(self.filters), "num_res_blocks": self.num_res_blocks,
+            "ema_decay": self.ema_decay, "codebook_init": self.codebook_init,
+            "dead_code_steps": self.dead_code_steps, "shift": self.shift, "name": self.name,
+        }
+
+
+# ---------------------------------------------------------------------------
+# Validation
+
+
+class ValidationMetrics(keras.callbacks.Callback):
+    """After each epoch, score the model on the whole validation split with `test_step`
+    (tf.image.ssim per slice, averaged over every slice) and add the results to the epoch's
+    logs as `val_*`, so `ModelCheckpoint(monitor="val_ssim")` can keep the best model."""
+
+    def __init__(self, validation_data, verbose=1):
+        super().__init__()
+        self.validation_data = validation_data
+        self.verbose = verbose
+
+    def on_epoch_end(self, epoch, logs=None):
+        results = self.model.evaluate(self.validation_data, verbose=0, return_dict=True)
+        if logs is not None:
+            logs.update({f"val_{name}": float(value) for name, value in results.items()})
+        if self.verbose:
+            print(f"epoch {epoch + 1}: val_ssim {results['ssim']:.4f}  val_psnr {results['psnr']:.2f} dB  "
+                  f"val_perplexity {results['perplexity']:.1f}  val_codebook_usage {results['codebook_usage']:.1%}",
+                  flush=True)
+
+
+class TimeLimit(keras.callbacks.Callback):
+    """Stop training after the epoch in which `minutes` have passed (0 = no limit)."""
+
+    def __init__(self, minutes):
+        super().__init__()
+        self.minutes = minutes
+
+    def on_train_begin(self, logs=None):
+        self.start = time.time()
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.minutes and time.time() - self.start > self.minutes * 60:
+            print(f"time limit of {self.minutes} minutes reached: stopping after epoch {epoch + 1}", flush=True)
+            self.model.stop_training = True
+
+
+def score_split(model, dataset):
+    """Per-slice SSIM and PSNR and the codebook statistics of a whole split, as numpy."""
+    ssims, psnrs = [], []
+    codebook = CodebookStatistics(model.num_embeddings)
+    for images in dataset:
+        reconstructions, indices = model.reconstruct(images)
+        ssims.append(image_ssim(images, reconstructions, model.shift).numpy())
+        psnrs.append(image_psnr(images, reconstructions, model.shift).numpy())
+        codebook.update_state(indices)
+    stats = {name: float(value) for name, value in codebook.result().items()}
+    return np.concatenate(ssims), np.concatenate(psnrs), stats
