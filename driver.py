@@ -1,8 +1,9 @@
-"""Train a VQ-VAE on a folder of 2D MRI slices, score it, and reconstruct with it.
+"""Train a VQ-VAE and a PixelCNN prior on a folder of 2D MRI slices; reconstruct and sample.
 
     python driver.py                                  # the built-in demo data
     python driver.py --data DIR --K 128 --D 64 --epochs 30
     python driver.py reconstruct --run RUN_DIR --data DIR
+    python driver.py sample --run RUN_DIR --n 16
     python driver.py -h                               # every option, with its default
 
 One `Config` holds every setting; the command line fills it in and it is saved as
@@ -18,7 +19,7 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-COMMANDS = ("train", "reconstruct")
+COMMANDS = ("train", "reconstruct", "sample")
 
 
 @dataclasses.dataclass
@@ -29,14 +30,14 @@ class Config:
     K: int = 128
     D: int = 64
     beta: float = 0.25
-    filters: list = (16, 64)
+    filters: list = (16, 32)
     res_blocks: int = 2
     ema_decay: float = 0.99
     codebook_init: str = "kmeans"
     dead_code_steps: int = 50
     epochs: int = 10
-    batch_size: int = 16
-    learning_rate: float = 1e-3
+    batch_size: int = 8
+    learning_rate: float = 2e-3
     shift: float = -0.5
     seed: int = 0
     max_minutes: float = 0.0
@@ -45,6 +46,15 @@ class Config:
     grid_every: int = 1
     cmap: str = "gray"
     demo_dir: str = "demo_data"
+    pcnn_epochs: int = 10
+    pcnn_learning_rate: float = 1e-3
+    pcnn_variant: str = "gated"
+    pcnn_filters: int = 32
+    pcnn_layers: int = 5
+    pcnn_res_blocks: int = 2
+    pcnn_batch_size: int = 32
+    samples: int = 16
+    temperature: float = 1.0
 
 
 class UsageError(ValueError):
@@ -68,7 +78,8 @@ HELP = {
     "dead_code_steps": "restart a code unused for this many training steps (0 = never)",
     "epochs": "VQ-VAE training epochs",
     "batch_size": "slices per batch",
-    "learning_rate": "Adam learning rate",
+    "learning_rate": "Adam learning rate at the start; it decays along a half cosine to 5% of this over "
+                     "--epochs (or --max-minutes, if that comes first)",
     "shift": "added to the [0, 1] intensities before training ([-0.5, 0.5] by default)",
     "seed": "seed for the data split, shuffling, demo data and initialisation",
     "max_minutes": "stop training after the epoch that passes this many minutes (0 = no limit)",
@@ -77,6 +88,15 @@ HELP = {
     "grid_every": "write a reconstruction grid every N epochs (0 = only at the end)",
     "cmap": "matplotlib colormap for image grids",
     "demo_dir": "where the demo data is written when --data is not given",
+    "pcnn_epochs": "PixelCNN prior training epochs (0 = train no prior)",
+    "pcnn_learning_rate": "PixelCNN Adam learning rate",
+    "pcnn_variant": "'gated' (vertical and horizontal stacks, no blind spot) or 'plain' (keras.io example)",
+    "pcnn_filters": "PixelCNN channels",
+    "pcnn_layers": "gated layers ('gated'), or 1x1 mask-B layers after the residual blocks ('plain')",
+    "pcnn_res_blocks": "residual blocks with 3x3 mask-B convolutions ('plain' only)",
+    "pcnn_batch_size": "code grids per PixelCNN batch",
+    "samples": "new slices sampled at the end of the run",
+    "temperature": "sampling temperature (< 1: more typical samples, > 1: more varied)",
 }
 
 
@@ -86,7 +106,9 @@ def add_config_arguments(parser):
         flag = "--" + field.name.replace("_", "-")
         names = [flag, "--" + field.name] if "_" in field.name else [flag]
         default = getattr(defaults, field.name)
-        kwargs = {"dest": field.name, "default": default, "help": HELP[field.name] + " (default: %(default)s)"}
+        shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else default
+        help_text = HELP[field.name] + ("" if default is None else f" (default: {shown})")
+        kwargs = {"dest": field.name, "default": default, "help": help_text.replace("%", "%%")}
         if field.name in ("image_size", "filters"):
             kwargs.update(type=int, nargs="+")
         elif field.type in (int, float):
@@ -97,8 +119,9 @@ def add_config_arguments(parser):
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="driver.py",
-        description="Train a VQ-VAE on 2D MRI slices and write models, metrics, plots and grids to a run "
-                    "folder. Other commands: 'driver.py reconstruct -h'.",
+        description="Train a VQ-VAE on 2D MRI slices, then a PixelCNN prior over its code grids, and write "
+                    "models, metrics, plots, grids and samples to a run folder. Other commands: "
+                    "'driver.py reconstruct -h', 'driver.py sample -h'.",
     )
     add_config_arguments(parser)
     return parser
@@ -140,6 +163,17 @@ def validate(config):
         (config.max_minutes >= 0, f"--max-minutes must be >= 0, got {config.max_minutes}"),
         (config.grid_every >= 0, f"--grid-every must be >= 0, got {config.grid_every}"),
         (config.volume_index >= 0, f"--volume-index must be >= 0, got {config.volume_index}"),
+        (config.pcnn_epochs >= 0, f"--pcnn-epochs must be >= 0, got {config.pcnn_epochs}"),
+        (config.pcnn_learning_rate > 0, f"--pcnn-learning-rate must be > 0, got {config.pcnn_learning_rate}"),
+        (config.pcnn_variant in ("plain", "gated"),
+         f"--pcnn-variant must be 'plain' or 'gated', got {config.pcnn_variant!r}"),
+        (config.pcnn_filters >= 2, f"--pcnn-filters must be >= 2, got {config.pcnn_filters}"),
+        (config.pcnn_layers >= (1 if config.pcnn_variant == "gated" else 0),
+         f"--pcnn-layers must be >= 1 for the gated prior, >= 0 for the plain one, got {config.pcnn_layers}"),
+        (config.pcnn_res_blocks >= 0, f"--pcnn-res-blocks must be >= 0, got {config.pcnn_res_blocks}"),
+        (config.pcnn_batch_size >= 1, f"--pcnn-batch-size must be >= 1, got {config.pcnn_batch_size}"),
+        (config.samples >= 0, f"--samples must be >= 0, got {config.samples}"),
+        (config.temperature > 0, f"--temperature must be > 0, got {config.temperature}"),
         (config.slice_axis in (-3, -2, -1, 0, 1, 2), f"--slice-axis must be one of 0, 1, 2 (or -1..-3), "
                                                       f"got {config.slice_axis}"),
     ]
@@ -197,10 +231,19 @@ def prepare_data(config):
     return source, image_size, splits
 
 
-def first_batch(dataset):
-    for images in dataset.take(1):
-        return images.numpy()
-    raise UsageError("a split has no slices")
+def take_slices(dataset, count=16):
+    """The first `count` slices of a batched dataset (fewer if the split is smaller)."""
+    import numpy as np
+
+    batches, total = [], 0
+    for images in dataset:
+        batches.append(images.numpy())
+        total += len(batches[-1])
+        if total >= count:
+            break
+    if not batches:
+        raise UsageError("a split has no slices")
+    return np.concatenate(batches)[:count]
 
 
 def train_vqvae(config, splits, run_dir):
@@ -217,18 +260,19 @@ def train_vqvae(config, splits, run_dir):
     model.compile(optimizer=keras.optimizers.Adam(config.learning_rate))
     best_path = os.path.join(run_dir, "vqvae.keras")
     callbacks = [
+        vqvae.CosineLearningRate(config.learning_rate, config.epochs, config.max_minutes),
         vqvae.ValidationMetrics(splits["validate"]),
         keras.callbacks.ModelCheckpoint(best_path, monitor="val_ssim", mode="max", save_best_only=True),
         keras.callbacks.CSVLogger(os.path.join(run_dir, "history.csv")),
         plots.TrainingPlots(run_dir),
-        plots.ReconstructionGrids(first_batch(splits["validate"]), run_dir, config.shift, config.grid_every,
+        plots.ReconstructionGrids(take_slices(splits["validate"]), run_dir, config.shift, config.grid_every,
                                   config.cmap),
         keras.callbacks.TerminateOnNaN(),
         vqvae.TimeLimit(config.max_minutes),
     ]
     start = time.time()
-    history = model.fit(splits["train"], epochs=config.epochs, callbacks=callbacks,
-                        verbose=1 if sys.stdout.isatty() else 2)
+    history = model.fit(splits["train"], epochs=config.epochs, callbacks=callbacks, shuffle=False,
+                        verbose=1 if sys.stdout.isatty() else 2)  # the dataset shuffles itself
     seconds = time.time() - start
     plots.atomic_write(os.path.join(run_dir, "vqvae_last.keras"), model.save)
     if not os.path.exists(best_path):
@@ -255,7 +299,7 @@ def evaluate_vqvae(model, splits, run_dir, history, config):
         "codebook_usage": codebook["codebook_usage"],
         "perplexity": codebook["perplexity"],
     }
-    images = first_batch(splits["test"])
+    images = take_slices(splits["test"])
     reconstructions, indices = model.reconstruct(images)
     plots.reconstruction_grid(images - config.shift, reconstructions.numpy() - config.shift,
                               os.path.join(run_dir, "reconstructions.png"), cmap=config.cmap,
@@ -263,6 +307,116 @@ def evaluate_vqvae(model, splits, run_dir, history, config):
     plots.code_map_figure(images[:4] - config.shift, indices.numpy()[:4], config.K,
                           os.path.join(run_dir, "code_maps.png"))
     return metrics
+
+
+def encode_split(model, dataset):
+    """The (N, h, w) int32 code grids of every slice in a split."""
+    import numpy as np
+
+    return np.concatenate([model.encode(images).numpy() for images in dataset])
+
+
+def train_prior(config, model, splits, run_dir):
+    """Fit a PixelCNN to the code grids of the train split, validated on the validate split."""
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    import pixelcnn
+    import plots
+
+    print(f"\nencoding the splits into code grids for the {config.pcnn_variant} PixelCNN prior", flush=True)
+    codes = {split: encode_split(model, dataset) for split, dataset in splits.items()}
+    plots.atomic_write(os.path.join(run_dir, "codes.npz"), lambda path: np.savez_compressed(path, **codes))
+    as_dataset = lambda grids, shuffle: (tf.data.Dataset.from_tensor_slices((grids, grids))  # noqa: E731
+                                         .shuffle(len(grids) if shuffle else 1, seed=config.seed)
+                                         .batch(config.pcnn_batch_size).prefetch(tf.data.AUTOTUNE))
+    prior = pixelcnn.PixelCNN(config.K, config.pcnn_variant, filters=config.pcnn_filters,
+                              num_layers=config.pcnn_layers, num_res_blocks=config.pcnn_res_blocks)
+    prior.compile(optimizer=keras.optimizers.Adam(config.pcnn_learning_rate),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    path = os.path.join(run_dir, "pixelcnn.keras")
+
+    class PriorProgress(keras.callbacks.Callback):
+        """Add bits per code to the logs, keep the history, print it and plot it."""
+
+        def __init__(self):
+            super().__init__()
+            self.history = {}
+
+        def on_epoch_end(self, epoch, logs=None):
+            logs["bits_per_code"] = pixelcnn.bits_per_code(logs["loss"])
+            logs["val_bits_per_code"] = pixelcnn.bits_per_code(logs["val_loss"])
+            for key, value in logs.items():
+                self.history.setdefault(key, []).append(float(value))
+            print(f"prior epoch {epoch + 1}: val bits per code {logs['val_bits_per_code']:.3f} "
+                  f"(log2 K = {np.log2(config.K):.2f})", flush=True)
+            plots.plot_losses(self.history, os.path.join(run_dir, "pixelcnn_loss.png"),
+                              keys=("bits_per_code", "val_bits_per_code"),
+                              title=f"{config.pcnn_variant} PixelCNN: bits per code")
+
+    progress = PriorProgress()
+    start = time.time()
+    prior.fit(as_dataset(codes["train"], True), validation_data=as_dataset(codes["validate"], False),
+              epochs=config.pcnn_epochs, verbose=1 if sys.stdout.isatty() else 2, shuffle=False,
+              callbacks=[progress,
+                         keras.callbacks.ModelCheckpoint(path, monitor="val_loss", save_best_only=True),
+                         keras.callbacks.CSVLogger(os.path.join(run_dir, "pixelcnn_history.csv")),
+                         keras.callbacks.TerminateOnNaN()])
+    seconds = time.time() - start
+    prior = keras.models.load_model(path)
+    test_loss = prior.evaluate(as_dataset(codes["test"], False), verbose=0)
+    return prior, {
+        "prior_variant": config.pcnn_variant,
+        "prior_parameters": int(prior.count_params()),
+        "prior_val_bits_per_code": float(np.min(progress.history["val_bits_per_code"])),
+        "prior_test_bits_per_code": float(pixelcnn.bits_per_code(test_loss)),
+        "log2_K": float(np.log2(config.K)),
+        "prior_train_seconds": round(seconds, 1),
+    }, codes
+
+
+def write_samples(model, prior, grid_shape, n, out_dir, temperature=1.0, seed=0, batch_size=16, cmap="gray",
+                  real=None):
+    """Sample n code grids from the prior, decode them, and write PNG and NIfTI files and a grid.
+
+    `real` (optional, [0, 1] slices) are shown above the samples for comparison."""
+    import keras
+    import nibabel
+    import numpy as np
+    import tensorflow as tf
+
+    import pixelcnn
+    import plots
+
+    os.makedirs(out_dir, exist_ok=True)
+    height, width = grid_shape
+    print(f"sampling {n} slices ({height}x{width} codes each)", flush=True)
+    progress = keras.utils.Progbar(-(-n // batch_size) * height, unit_name="row")
+    images, start = [], time.time()
+    for batch, first in enumerate(range(0, n, batch_size)):
+        sampler = pixelcnn.Sampler(prior, min(batch_size, n - first), height, width)
+        codes = sampler.sample(temperature, seed + first,
+                               progress=lambda row: progress.update(batch * height + row))
+        images.append(np.clip(model.decode(codes).numpy() - model.shift, 0, 1))
+    images = np.concatenate(images)
+    seconds = time.time() - start
+    for index, image in enumerate(images):
+        png = tf.io.encode_png(np.round(image * 255).astype(np.uint8))
+        plots.atomic_write(os.path.join(out_dir, f"sample_{index:03d}.png"),
+                           lambda path: tf.io.write_file(path, png))
+        plots.atomic_write(os.path.join(out_dir, f"sample_{index:03d}.nii.gz"), lambda path: nibabel.save(
+            nibabel.Nifti1Image(image[..., 0].astype(np.float32), np.eye(4)), path))
+    columns = 8
+    rows = [images[i: i + columns] for i in range(0, min(len(images), 4 * columns), columns)]
+    titles = ["sample"] * len(rows)
+    if real is not None:
+        rows = [np.clip(real[:columns], 0, 1)] + rows
+        titles = ["real"] + titles
+    plots.image_grid(rows, os.path.join(out_dir, "samples.png"), titles, cmap=cmap,
+                     title=f"{n} samples at temperature {temperature} ({seconds:.1f} s)")
+    print(f"wrote {n} samples to {out_dir} in {seconds:.1f} s", flush=True)
+    return images, seconds
 
 
 def train(config):
@@ -285,6 +439,17 @@ def train(config):
     metrics["vqvae_train_seconds"] = round(seconds, 1)
     metrics["epochs_run"] = len(history["loss"])
     plots.write_json(os.path.join(run_dir, "metrics.json"), metrics)
+    if config.pcnn_epochs:
+        prior, prior_metrics, codes = train_prior(config, model, splits, run_dir)
+        metrics.update(prior_metrics)
+        plots.write_json(os.path.join(run_dir, "metrics.json"), metrics)
+        if config.samples:
+            real = take_slices(splits["test"]) - config.shift
+            _, seconds = write_samples(model, prior, codes["test"].shape[1:], config.samples,
+                                       os.path.join(run_dir, "samples"), config.temperature, config.seed,
+                                       cmap=config.cmap, real=real)
+            metrics["sampling_seconds"] = round(seconds, 1)
+            plots.write_json(os.path.join(run_dir, "metrics.json"), metrics)
     print(f"\nrun folder: {run_dir}\n" + "\n".join(f"  {k}: {v:.4f}" if isinstance(v, float) else f"  {k}: {v}"
                                                  for k, v in sorted(metrics.items())), flush=True)
     return run_dir, metrics
@@ -326,7 +491,7 @@ def reconstruct(args):
 
     import data
     import plots
-    import vqvae
+    import vqvae  # also registers the saved classes with Keras
 
     config = load_run_config(args.run)
     model_path = os.path.join(args.run, "vqvae.keras")
@@ -390,12 +555,59 @@ def reconstruct(args):
     return summary
 
 
+# ---------------------------------------------------------------------------
+# Sampling new slices from a trained run
+
+
+def build_sample_parser():
+    parser = argparse.ArgumentParser(
+        prog="driver.py sample",
+        description="Sample new slices from a trained run: loads RUN/vqvae.keras and RUN/pixelcnn.keras with "
+                    "keras.models.load_model and writes PNG and NIfTI files and a grid.",
+    )
+    parser.add_argument("--run", required=True, help="run folder holding vqvae.keras and pixelcnn.keras")
+    parser.add_argument("--n", type=int, default=16, help="how many slices (default: %(default)s)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=16, help="slices sampled at once (default: %(default)s)")
+    parser.add_argument("--out", help="output folder (default: RUN/samples-seed<SEED>)")
+    return parser
+
+
+def sample(args):
+    import keras
+
+    import pixelcnn  # noqa: F401  (importing registers the saved classes with Keras)
+    import vqvae  # noqa: F401
+
+    if args.n < 1:
+        raise UsageError(f"--n must be >= 1, got {args.n}")
+    if args.temperature <= 0:
+        raise UsageError(f"--temperature must be > 0, got {args.temperature}")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    config = load_run_config(args.run)
+    paths = [os.path.join(args.run, name) for name in ("vqvae.keras", "pixelcnn.keras")]
+    for path in paths:
+        if not os.path.exists(path):
+            raise UsageError(f"--run {args.run}: no {os.path.basename(path)}"
+                             + (" (was the run trained with --pcnn-epochs 0?)" if "pixelcnn" in path else ""))
+    model, prior = (keras.models.load_model(path) for path in paths)
+    grid_shape = [size // model.downsampling for size in config["image_size"]]
+    out = args.out or os.path.join(args.run, f"samples-seed{args.seed}")
+    images, _ = write_samples(model, prior, grid_shape, args.n, out, args.temperature, args.seed, args.batch_size,
+                              config.get("cmap", "gray"))
+    return images
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "train"
     try:
         if command == "reconstruct":
             return reconstruct(build_reconstruct_parser().parse_args(argv))
+        if command == "sample":
+            return sample(build_sample_parser().parse_args(argv))
         config = Config(**vars(build_parser().parse_args(argv)))
         return train(config)
     except UsageError as error:

@@ -8,6 +8,7 @@ watching a run, or a run killed mid-write, never sees a half-written image.
 import csv
 import json
 import os
+import pathlib
 import tempfile
 
 import matplotlib
@@ -22,7 +23,7 @@ def atomic_write(path, write):
     """Call `write(temporary_path)`, then move the result to `path` in one step."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    suffix = ".keras" if path.endswith(".keras") else os.path.splitext(path)[1]
+    suffix = "".join(pathlib.Path(path).suffixes)  # writers such as nibabel go by the suffix
     handle, temporary = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=suffix)
     os.close(handle)
     try:

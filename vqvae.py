@@ -292,7 +292,7 @@ class VQVAE(keras.Model):
     `shift` is where the data's [0, 1] range was moved to ([shift, 1 + shift]); it is only
     used to score SSIM and PSNR on the original range."""
 
-    def __init__(self, num_embeddings=128, latent_dim=64, beta=0.25, filters=(16, 64), num_res_blocks=2,
+    def __init__(self, num_embeddings=128, latent_dim=64, beta=0.25, filters=(16, 32), num_res_blocks=2,
                  ema_decay=0.99, codebook_init="kmeans", dead_code_steps=50, shift=-0.5, **kwargs):
         super().__init__(**kwargs)
         if not filters or min(filters) < 1:
@@ -430,6 +430,30 @@ class TimeLimit(keras.callbacks.Callback):
         if self.minutes and time.time() - self.start > self.minutes * 60:
             print(f"time limit of {self.minutes} minutes reached: stopping after epoch {epoch + 1}", flush=True)
             self.model.stop_training = True
+
+
+class CosineLearningRate(keras.callbacks.Callback):
+    """Decay the learning rate from `base` to `floor * base` along a half cosine over the
+    run's budget: `epochs`, or `minutes` of wall time when that comes first, so a run cut
+    short by a time limit still ends with a small learning rate."""
+
+    def __init__(self, base, epochs, minutes=0.0, floor=0.05):
+        super().__init__()
+        self.base, self.epochs, self.minutes, self.floor = base, epochs, minutes, floor
+
+    def on_train_begin(self, logs=None):
+        self.start = time.time()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        progress = epoch / self.epochs
+        if self.minutes:
+            progress = max(progress, (time.time() - self.start) / (self.minutes * 60))
+        scale = self.floor + (1 - self.floor) * 0.5 * (1 + np.cos(np.pi * min(progress, 1.0)))
+        self.model.optimizer.learning_rate.assign(self.base * scale)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs["learning_rate"] = float(self.model.optimizer.learning_rate.numpy())
 
 
 def score_split(model, dataset):

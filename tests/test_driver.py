@@ -7,13 +7,15 @@ import subprocess
 import sys
 
 import keras
+import nibabel
 import pytest
 
 import driver
 
 PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--K", "8", "--D", "4", "--filters", "4", "8", "--res-blocks", "1", "--batch-size", "4",
-        "--learning-rate", "3e-3"]
+        "--learning-rate", "3e-3", "--pcnn-epochs", "2", "--pcnn-filters", "8", "--pcnn-layers", "2",
+        "--samples", "3"]
 
 
 def run_error(argv, capsys=None):
@@ -27,11 +29,14 @@ def run_error(argv, capsys=None):
 def test_help_lists_every_flag_with_its_default():
     result = subprocess.run([sys.executable, "driver.py", "-h"], cwd=PROJECT, capture_output=True, text=True,
                             check=True)
+    text = " ".join(result.stdout.split())
     for flag in ("--data", "--K", "--D", "--beta", "--epochs", "--batch-size", "--learning-rate", "--shift",
                  "--out", "--seed", "--image-size"):
-        assert flag in result.stdout
-    assert "(default: 128)" in result.stdout and "(default: 0.25)" in result.stdout
-    assert "reconstruct" in result.stdout
+        assert flag in text
+    for default in ("--K K number of codebook vectors (num_embeddings) (default: 128)",
+                    "(default: 0.25)", "(default: 16 32)", "(default: gated)"):
+        assert default in text
+    assert "reconstruct" in text and "sample" in text
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -44,6 +49,10 @@ def test_help_lists_every_flag_with_its_default():
     (["--learning-rate", "0"], "--learning-rate must be > 0"),
     (["--ema-decay", "1"], "--ema-decay must be in [0, 1)"),
     (["--cmap", "nonsense"], "--cmap 'nonsense' is not a matplotlib colormap"),
+    (["--pcnn-variant", "fancy"], "--pcnn-variant must be 'plain' or 'gated', got 'fancy'"),
+    (["--pcnn-epochs", "-1"], "--pcnn-epochs must be >= 0, got -1"),
+    (["--temperature", "0"], "--temperature must be > 0, got 0.0"),
+    (["sample", "--run", "/nowhere", "--n", "0"], "--n must be >= 1, got 0"),
 ])
 def test_bad_flags_exit_with_one_line(argv, message):
     assert message in run_error(argv)
@@ -82,6 +91,23 @@ def test_train_then_reconstruct(oasis_root, tmp_path):
     assert abs(summary["ssim_mean"] - saved["test_ssim_mean"]) < 1e-3  # same slices, same model
     assert os.path.exists(os.path.join(out, "grid_00.png"))
 
+    for key in ("prior_val_bits_per_code", "prior_test_bits_per_code", "log2_K", "sampling_seconds"):
+        assert key in saved
+    assert saved["log2_K"] == 3.0 and 0 < saved["prior_test_bits_per_code"]
+    for name in ("pixelcnn.keras", "pixelcnn_history.csv", "pixelcnn_loss.png", "samples/samples.png",
+                 "samples/sample_002.png", "samples/sample_002.nii.gz"):
+        assert os.path.exists(os.path.join(run, name)), name
+
+    # A fresh process loads both saved models with plain keras.models.load_model and samples.
+    out = str(tmp_path / "fresh_samples")
+    result = subprocess.run([sys.executable, os.path.join(PROJECT, "driver.py"), "sample", "--run", run, "--n", "5",
+                             "--batch-size", "2", "--seed", "3", "--out", out], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(f for f in os.listdir(out) if f.endswith(".png")) == [
+        "sample_000.png", "sample_001.png", "sample_002.png", "sample_003.png", "sample_004.png", "samples.png"]
+    image = nibabel.load(os.path.join(out, "sample_004.nii.gz")).get_fdata()
+    assert image.shape == (32, 32) and 0 <= image.min() and image.max() <= 1
+
     assert "already holds a run" in run_error(["--data", oasis_root, "--out", run])
     assert "no config.json" in run_error(["reconstruct", "--run", str(tmp_path)])
 
@@ -89,6 +115,8 @@ def test_train_then_reconstruct(oasis_root, tmp_path):
 def test_train_on_nifti_volumes_with_image_size(hipmri_root, tmp_path):
     run = str(tmp_path / "run")
     _, metrics = driver.main(["--data", hipmri_root, "--out", run, "--epochs", "1", "--image-size", "24", "16",
-                              *TINY])
+                              *TINY, "--pcnn-epochs", "0"])
     assert json.load(open(os.path.join(run, "config.json")))["image_size"] == [24, 16]
     assert metrics["test_slices"] == 3
+    assert not os.path.exists(os.path.join(run, "pixelcnn.keras"))
+    assert "no pixelcnn.keras" in run_error(["sample", "--run", run])

@@ -1,5 +1,7 @@
 """vqvae.py: the quantizer, encoder/decoder shapes, the model's training and saving."""
 
+import time
+
 import keras
 import numpy as np
 import pytest
@@ -203,3 +205,23 @@ def test_score_split():
     ssims, psnrs, stats = vqvae.score_split(model, dataset)
     assert ssims.shape == (6,) and psnrs.shape == (6,)
     assert np.all(ssims <= 1) and 0 < stats["codebook_usage"] <= 1 and stats["perplexity"] >= 1
+
+
+def test_cosine_learning_rate_decays_over_the_epochs():
+    model, _ = fitted_model(epochs=1)
+    schedule = vqvae.CosineLearningRate(0.01, epochs=4)
+    schedule.set_model(model)
+    schedule.on_train_begin()
+    rates = []
+    for epoch in range(4):
+        schedule.on_epoch_begin(epoch)
+        rates.append(float(model.optimizer.learning_rate.numpy()))
+    np.testing.assert_allclose(rates, [0.01, 0.01 * (0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi / 4))),
+                                       0.01 * (0.05 + 0.95 * 0.5), 0.01 * (0.05 + 0.95 * 0.5 * (1 + np.cos(3 * np.pi / 4)))],
+                               rtol=1e-5)
+    timed = vqvae.CosineLearningRate(0.01, epochs=100, minutes=1e-6)  # the time budget is already spent
+    timed.set_model(model)
+    timed.on_train_begin()
+    time.sleep(0.01)
+    timed.on_epoch_begin(1)
+    np.testing.assert_allclose(float(model.optimizer.learning_rate.numpy()), 0.01 * 0.05, rtol=1e-5)

@@ -1,0 +1,103 @@
+"""Compare the plain and the gated PixelCNN prior at about the same parameter count, on the
+code grids of a trained run (RUN/codes.npz, written when a run trains a prior).
+
+    python benchmarks/prior_variants.py --run RUN_DIR --epochs 6
+
+Both are trained on the train split's codes with the same epochs, batch size and learning
+rate; the table gives the best validation bits per code and the test bits per code.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import pixelcnn  # noqa: E402
+
+
+def matched_plain_filters(target, num_embeddings, layers, res_blocks):
+    """The plain prior's channel count whose parameter count is closest to `target`."""
+    def count(filters):
+        return pixelcnn.PixelCNN(num_embeddings, "plain", filters=filters, num_layers=layers,
+                                 num_res_blocks=res_blocks).count_params()
+    return min(range(8, 257, 4), key=lambda filters: abs(count(filters) - target))
+
+
+def fit(model, codes, epochs, batch_size, learning_rate, seed):
+    def dataset(grids, shuffle):
+        data = tf.data.Dataset.from_tensor_slices((grids, grids))
+        if shuffle:
+            data = data.shuffle(len(grids), seed=seed)
+        return data.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    start = time.time()
+    history = model.fit(dataset(codes["train"], True), validation_data=dataset(codes["validate"], False),
+                        epochs=epochs, verbose=2)
+    seconds = time.time() - start
+    return {
+        "parameters": model.count_params(),
+        "val_bits_per_code": [round(pixelcnn.bits_per_code(v), 4) for v in history.history["val_loss"]],
+        "best_val_bits_per_code": round(pixelcnn.bits_per_code(min(history.history["val_loss"])), 4),
+        "test_bits_per_code": round(pixelcnn.bits_per_code(model.evaluate(dataset(codes["test"], False),
+                                                                          verbose=0)), 4),
+        "seconds": round(seconds, 1),
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", required=True)
+    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--filters", type=int, default=32, help="gated prior channels")
+    parser.add_argument("--layers", type=int, default=5, help="gated layers")
+    parser.add_argument("--plain-layers", type=int, default=2, help="1x1 layers of the plain prior")
+    parser.add_argument("--plain-res-blocks", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--learning-rate", type=float, default=3e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args()
+
+    codes = dict(np.load(os.path.join(args.run, "codes.npz")))
+    num_embeddings = json.load(open(os.path.join(args.run, "config.json")))["K"]
+    keras.utils.set_random_seed(args.seed)
+    gated = pixelcnn.PixelCNN(num_embeddings, "gated", filters=args.filters, num_layers=args.layers)
+    plain_filters = matched_plain_filters(gated.count_params(), num_embeddings, args.plain_layers,
+                                          args.plain_res_blocks)
+    results = {}
+    for name, make in (
+        ("gated", lambda: pixelcnn.PixelCNN(num_embeddings, "gated", filters=args.filters, num_layers=args.layers)),
+        ("plain", lambda: pixelcnn.PixelCNN(num_embeddings, "plain", filters=plain_filters,
+                                            num_layers=args.plain_layers, num_res_blocks=args.plain_res_blocks)),
+    ):
+        keras.utils.set_random_seed(args.seed)
+        model = make()
+        print(f"\n{name}: {model.count_params():,} parameters ({model.get_config()})", flush=True)
+        results[name] = fit(model, codes, args.epochs, args.batch_size, args.learning_rate, args.seed)
+        results[name]["config"] = model.get_config()
+
+    grid = codes["train"].shape[1:]
+    print(f"\ncode grids {grid[0]}x{grid[1]}, K = {num_embeddings} (log2 K = {np.log2(num_embeddings):.2f} bits), "
+          f"{len(codes['train'])} train / {len(codes['validate'])} validate / {len(codes['test'])} test grids, "
+          f"{args.epochs} epochs each")
+    print(f"{'prior':8s} {'parameters':>10s} {'best val bits/code':>19s} {'test bits/code':>15s} {'seconds':>8s}")
+    for name, result in results.items():
+        print(f"{name:8s} {result['parameters']:>10,d} {result['best_val_bits_per_code']:>19.3f} "
+              f"{result['test_bits_per_code']:>15.3f} {result['seconds']:>8.0f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,135 @@
+"""pixelcnn.py: masks, causality, the blind spot, exact fast sampling, saving."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import pixelcnn
+
+
+def test_masks():
+    A = pixelcnn.make_mask(3, "A")
+    np.testing.assert_array_equal(A, [[1, 1, 1], [1, 0, 0], [0, 0, 0]])
+    np.testing.assert_array_equal(pixelcnn.make_mask(3, "B"), [[1, 1, 1], [1, 1, 0], [0, 0, 0]])
+    np.testing.assert_array_equal(pixelcnn.make_mask(3, "VA"), [[1, 1, 1], [0, 0, 0], [0, 0, 0]])
+    np.testing.assert_array_equal(pixelcnn.make_mask(3, "VB"), [[1, 1, 1], [1, 1, 1], [0, 0, 0]])
+    np.testing.assert_array_equal(pixelcnn.make_mask(3, "HA"), [[0, 0, 0], [1, 0, 0], [0, 0, 0]])
+    np.testing.assert_array_equal(pixelcnn.make_mask(3, "HB"), [[0, 0, 0], [1, 1, 0], [0, 0, 0]])
+    with pytest.raises(ValueError, match="mask_type must be one of"):
+        pixelcnn.make_mask(3, "C")
+    with pytest.raises(ValueError, match="sees nothing"):
+        pixelcnn.MaskedConv2D(4, 1, "A")
+    with pytest.raises(ValueError, match="positive odd"):
+        pixelcnn.MaskedConv2D(4, 4, "B")
+
+
+def random_model(variant, num_embeddings=6, scale=0.4, **kwargs):
+    """A small PixelCNN with weights large enough that its logits are far from uniform."""
+    keras.utils.set_random_seed(0)
+    settings = dict(filters=8, num_layers=3, num_res_blocks=2, kernel_size=3, first_kernel_size=5)
+    settings.update(kwargs)
+    model = pixelcnn.PixelCNN(num_embeddings, variant, **settings)
+    rng = np.random.default_rng(1)
+    for weight in model.trainable_weights:
+        weight.assign(rng.normal(0, scale, weight.shape).astype(np.float32))
+    return model
+
+
+def dependence(model, codes, position):
+    """Which positions' logits change when the code at `position` changes."""
+    changed = codes.copy()
+    changed[(0,) + position] = (changed[(0,) + position] + 1) % model.num_embeddings
+    difference = np.abs(model(changed).numpy() - model(codes).numpy()).max(axis=-1)[0]
+    return difference > 1e-6
+
+
+@pytest.mark.parametrize("variant", ["plain", "gated"])
+def test_logits_never_see_the_code_they_predict_or_later_ones(variant):
+    model = random_model(variant)
+    codes = np.random.default_rng(0).integers(0, 6, (1, 6, 7)).astype(np.int32)
+    for position in [(0, 0), (2, 3), (3, 0), (5, 6)]:
+        affected = dependence(model, codes, position)
+        flat = affected.reshape(-1)
+        index = position[0] * 7 + position[1]
+        assert not flat[: index + 1].any(), f"{variant}: logits at or before {position} saw it"
+        if index < flat.size - 1:
+            assert flat[index + 1:].any()
+
+
+def test_gated_has_no_blind_spot_plain_has_one():
+    codes = np.random.default_rng(0).integers(0, 6, (1, 6, 8)).astype(np.int32)
+    # (2, 5) is up and two to the right of (3, 3): in the receptive field of the gated
+    # network, but in the blind spot of a plain one with 3x3 kernels.
+    gated = random_model("gated", num_layers=2, first_kernel_size=3)
+    plain = random_model("plain", num_layers=0, num_res_blocks=1, first_kernel_size=3)
+    assert dependence(gated, codes, (2, 5))[3, 3]
+    assert not dependence(plain, codes, (2, 5))[3, 3]
+
+
+@pytest.mark.parametrize("variant", ["plain", "gated"])
+@pytest.mark.parametrize("height, width", [(5, 5), (4, 9)])
+def test_fast_sampler_is_exact(variant, height, width):
+    model = random_model(variant)
+    sampler = pixelcnn.Sampler(model, batch_size=3, height=height, width=width)
+    rows = []
+    codes = sampler.sample(temperature=1.0, seed=7, progress=rows.append)
+    assert codes.shape == (3, height, width) and codes.dtype == tf.int32
+    assert rows == list(range(1, height + 1))
+    assert 0 <= codes.numpy().min() and codes.numpy().max() < 6
+    # The model is causal, so the logits at each position of one full pass over the finished
+    # grid are the logits the code there was drawn from.
+    np.testing.assert_allclose(sampler.used_logits().numpy(), model(codes).numpy(), atol=1e-4)
+    # And the naive sampler (whole network at every position) draws the very same codes.
+    naive_codes, naive_logits = pixelcnn.naive_sample(model, 3, height, width, seed=7)
+    np.testing.assert_array_equal(naive_codes.numpy(), codes.numpy())
+    np.testing.assert_allclose(naive_logits.numpy().reshape(3, height, width, -1),
+                               sampler.used_logits().numpy(), atol=1e-4)
+
+
+def test_sampling_is_seeded_and_temperature_sharpens():
+    model = random_model("gated")
+    sampler = pixelcnn.Sampler(model, batch_size=4, height=4, width=4)
+    first = sampler.sample(seed=3).numpy()
+    assert np.array_equal(sampler.sample(seed=3).numpy(), first)
+    assert not np.array_equal(sampler.sample(seed=4).numpy(), first)
+    greedy = sampler.sample(temperature=1e-4, seed=5).numpy()
+    np.testing.assert_array_equal(greedy, np.argmax(model(greedy).numpy(), axis=-1))
+
+
+@pytest.mark.parametrize("variant", ["plain", "gated"])
+def test_training_lowers_bits_per_code(variant):
+    """A prior fitted to grids that repeat one pattern must beat log2(K) bits per code."""
+    keras.utils.set_random_seed(0)
+    pattern = np.arange(6 * 6).reshape(6, 6) % 4
+    codes = np.repeat(pattern[None], 32, axis=0).astype(np.int32)
+    model = pixelcnn.PixelCNN(4, variant, filters=16, num_layers=2, num_res_blocks=1)
+    model.compile(optimizer=keras.optimizers.Adam(1e-2),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    history = model.fit(codes, codes, batch_size=8, epochs=15, verbose=0).history
+    assert pixelcnn.bits_per_code(history["loss"][-1]) < 0.5 * np.log2(4)
+
+
+@pytest.mark.parametrize("variant", ["plain", "gated"])
+def test_save_load_round_trip(tmp_path, variant):
+    model = random_model(variant)
+    path = str(tmp_path / "pixelcnn.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    assert isinstance(loaded, pixelcnn.PixelCNN) and loaded.get_config() == model.get_config()
+    codes = np.random.default_rng(0).integers(0, 6, (2, 5, 6)).astype(np.int32)
+    np.testing.assert_allclose(loaded(codes).numpy(), model(codes).numpy(), atol=1e-5)
+    np.testing.assert_array_equal(pixelcnn.Sampler(loaded, 2, 3, 3).sample(seed=1).numpy(),
+                                  pixelcnn.Sampler(model, 2, 3, 3).sample(seed=1).numpy())
+
+
+@pytest.mark.parametrize("mask_type", pixelcnn.MASK_TYPES)
+@pytest.mark.parametrize("kernel_size", [3, 5])
+def test_cropped_masked_conv_equals_masked_same_conv(mask_type, kernel_size):
+    layer = pixelcnn.MaskedConv2D(4, kernel_size, mask_type)
+    inputs = tf.random.stateless_normal((2, 6, 7, 3), seed=(1, 2))
+    outputs = layer(inputs)
+    layer.bias.assign(tf.random.stateless_normal((4,), seed=(3, 4)))
+    expected = tf.nn.conv2d(inputs, layer.masked_kernel(), strides=1, padding="SAME") + layer.bias
+    np.testing.assert_allclose(layer(inputs).numpy(), expected.numpy(), atol=1e-5)
+    assert outputs.shape == (2, 6, 7, 4)
