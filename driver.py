@@ -82,7 +82,7 @@ HELP = {
                      "--epochs (or --max-minutes, if that comes first)",
     "shift": "added to the [0, 1] intensities before training ([-0.5, 0.5] by default)",
     "seed": "seed for the data split, shuffling, demo data and initialisation",
-    "max_minutes": "stop training after the epoch that passes this many minutes (0 = no limit)",
+    "max_minutes": "stop training when another epoch would pass this many minutes (0 = no limit)",
     "slice_axis": "axis along which 3D NIfTI volumes are cut into slices",
     "volume_index": "which volume of a 4D NIfTI series to use",
     "grid_every": "write a reconstruction grid every N epochs (0 = only at the end)",

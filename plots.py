@@ -5,7 +5,6 @@ Every figure is written atomically (to a temporary file, then renamed), so a per
 watching a run, or a run killed mid-write, never sees a half-written image.
 """
 
-import csv
 import json
 import os
 import pathlib
@@ -46,14 +45,6 @@ def write_json(path, data):
 def save_figure(figure, path):
     atomic_write(path, lambda temporary: figure.savefig(temporary, dpi=100, bbox_inches="tight"))
     plt.close(figure)
-
-
-def read_history(csv_path):
-    """A CSVLogger file as {column: [float, ...]}."""
-    with open(csv_path) as f:
-        rows = list(csv.DictReader(f))
-    return {key: [float(row[key]) if row[key] not in ("", None) else np.nan for row in rows]
-            for key in (rows[0] if rows else {})}
 
 
 def plot_losses(history, path, keys=("loss", "reconstruction_loss", "vq_loss", "val_loss",

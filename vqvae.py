@@ -417,18 +417,24 @@ class ValidationMetrics(keras.callbacks.Callback):
 
 
 class TimeLimit(keras.callbacks.Callback):
-    """Stop training after the epoch in which `minutes` have passed (0 = no limit)."""
+    """Stop training when another epoch as long as the last one would overrun `minutes`
+    (0 = no limit)."""
 
     def __init__(self, minutes):
         super().__init__()
         self.minutes = minutes
 
     def on_train_begin(self, logs=None):
-        self.start = time.time()
+        self.start = self.epoch_start = time.time()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch_start = time.time()
 
     def on_epoch_end(self, epoch, logs=None):
-        if self.minutes and time.time() - self.start > self.minutes * 60:
-            print(f"time limit of {self.minutes} minutes reached: stopping after epoch {epoch + 1}", flush=True)
+        now = time.time()
+        if self.minutes and now - self.start + (now - self.epoch_start) > self.minutes * 60:
+            print(f"time limit: another epoch would pass {self.minutes} minutes; stopping after epoch {epoch + 1}",
+                  flush=True)
             self.model.stop_training = True
 
 

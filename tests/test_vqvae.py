@@ -225,3 +225,16 @@ def test_cosine_learning_rate_decays_over_the_epochs():
     time.sleep(0.01)
     timed.on_epoch_begin(1)
     np.testing.assert_allclose(float(model.optimizer.learning_rate.numpy()), 0.01 * 0.05, rtol=1e-5)
+
+
+def test_time_limit_stops_before_an_epoch_would_overrun():
+    model, _ = fitted_model(epochs=1)
+    for minutes, stops in ((1e-5, True), (60.0, False)):
+        limit = vqvae.TimeLimit(minutes)
+        limit.set_model(model)
+        model.stop_training = False
+        limit.on_train_begin()
+        limit.on_epoch_begin(0)
+        time.sleep(0.01)
+        limit.on_epoch_end(0)
+        assert model.stop_training == stops
