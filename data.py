@@ -158,7 +158,7 @@ def normalize_intensity(array):
     low, high = np.percentile(array, PERCENTILES)
     if not high > low:
         return np.zeros_like(array)
-    return np.clip((array - low) / (high - low), 0.0, 1.0)
+    return np.clip((array - low) / (high - low), 0.0, 1.0).astype(np.float32)
 
 
 def nifti_slices(path, slice_axis=-1, volume_index=0):

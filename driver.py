@@ -231,22 +231,20 @@ def prepare_data(config):
     return source, image_size, splits
 
 
-def take_slices(dataset, count=16):
-    """The first `count` slices of a batched dataset (fewer if the split is smaller)."""
+def take_slices(dataset, count=16, spread_over=None):
+    """`count` slices of a batched dataset as numpy: every (spread_over // count)-th slice,
+    so figures show the whole split rather than its first case (fewer if the split is smaller)."""
     import numpy as np
 
-    batches, total = [], 0
-    for images in dataset:
-        batches.append(images.numpy())
-        total += len(batches[-1])
-        if total >= count:
-            break
-    if not batches:
+    stride = max(1, (spread_over or count) // count)
+    chosen = [image.numpy() for image in dataset.unbatch().shard(stride, 0).take(count)]
+    if not chosen:
         raise UsageError("a split has no slices")
-    return np.concatenate(batches)[:count]
+    return np.stack(chosen)
 
 
-def train_vqvae(config, splits, run_dir):
+def train_vqvae(config, splits, run_dir, shown):
+    """Train the VQ-VAE; `shown` are the validation slices drawn in the progress grids."""
     import keras
 
     import plots
@@ -265,8 +263,7 @@ def train_vqvae(config, splits, run_dir):
         keras.callbacks.ModelCheckpoint(best_path, monitor="val_ssim", mode="max", save_best_only=True),
         keras.callbacks.CSVLogger(os.path.join(run_dir, "history.csv")),
         plots.TrainingPlots(run_dir),
-        plots.ReconstructionGrids(take_slices(splits["validate"]), run_dir, config.shift, config.grid_every,
-                                  config.cmap),
+        plots.ReconstructionGrids(shown, run_dir, config.shift, config.grid_every, config.cmap),
         keras.callbacks.TerminateOnNaN(),
         vqvae.TimeLimit(config.max_minutes),
     ]
@@ -280,8 +277,9 @@ def train_vqvae(config, splits, run_dir):
     return keras.models.load_model(best_path), history.history, seconds
 
 
-def evaluate_vqvae(model, splits, run_dir, history, config):
-    """Score the best model on the whole test split and write the final figures."""
+def evaluate_vqvae(model, splits, run_dir, history, config, shown):
+    """Score the best model on the whole test split and write the final figures of the
+    test slices `shown`."""
     import numpy as np
 
     import plots
@@ -299,12 +297,11 @@ def evaluate_vqvae(model, splits, run_dir, history, config):
         "codebook_usage": codebook["codebook_usage"],
         "perplexity": codebook["perplexity"],
     }
-    images = take_slices(splits["test"])
-    reconstructions, indices = model.reconstruct(images)
-    plots.reconstruction_grid(images - config.shift, reconstructions.numpy() - config.shift,
+    reconstructions, indices = model.reconstruct(shown)
+    plots.reconstruction_grid(shown - config.shift, reconstructions.numpy() - config.shift,
                               os.path.join(run_dir, "reconstructions.png"), cmap=config.cmap,
                               title=f"test slices: mean SSIM over the whole test split {metrics['test_ssim_mean']:.3f}")
-    plots.code_map_figure(images[:4] - config.shift, indices.numpy()[:4], config.K,
+    plots.code_map_figure(shown[:4] - config.shift, indices.numpy()[:4], config.K,
                           os.path.join(run_dir, "code_maps.png"))
     return metrics
 
@@ -434,8 +431,10 @@ def train(config):
     saved.update(out=run_dir, image_size=image_size, data=source.root, layout=source.layout)
     plots.write_json(os.path.join(run_dir, "config.json"), saved)
 
-    model, history, seconds = train_vqvae(config, splits, run_dir)
-    metrics = evaluate_vqvae(model, splits, run_dir, history, config)
+    shown = {split: take_slices(splits[split], spread_over=len(source.files[split]))
+             for split in ("validate", "test")}
+    model, history, seconds = train_vqvae(config, splits, run_dir, shown["validate"])
+    metrics = evaluate_vqvae(model, splits, run_dir, history, config, shown["test"])
     metrics["vqvae_train_seconds"] = round(seconds, 1)
     metrics["epochs_run"] = len(history["loss"])
     plots.write_json(os.path.join(run_dir, "metrics.json"), metrics)
@@ -444,7 +443,7 @@ def train(config):
         metrics.update(prior_metrics)
         plots.write_json(os.path.join(run_dir, "metrics.json"), metrics)
         if config.samples:
-            real = take_slices(splits["test"]) - config.shift
+            real = shown["test"] - config.shift
             _, seconds = write_samples(model, prior, codes["test"].shape[1:], config.samples,
                                        os.path.join(run_dir, "samples"), config.temperature, config.seed,
                                        cmap=config.cmap, real=real)

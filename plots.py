@@ -11,6 +11,7 @@ import pathlib
 import tempfile
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import keras  # noqa: E402
@@ -56,6 +57,7 @@ def plot_losses(history, path, keys=("loss", "reconstruction_loss", "vq_loss", "
             axis.plot(np.arange(1, values.size + 1), values, marker="o", ms=3, label=key,
                       linestyle="--" if key.startswith("val_") else "-")
     axis.set_yscale("log")
+    axis.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     axis.set_xlabel("epoch")
     axis.set_ylabel("loss (log scale)")
     axis.set_title(title)
@@ -74,6 +76,7 @@ def plot_ssim(history, path):
         best = int(np.nanargmax(history["val_ssim"]))
         axis.annotate(f"best {history['val_ssim'][best]:.3f}", (best + 1, history["val_ssim"][best]),
                       textcoords="offset points", xytext=(-30, -15), fontsize=8)
+    axis.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     axis.set_xlabel("epoch")
     axis.set_ylabel("SSIM")
     axis.set_title("Reconstruction SSIM")
