@@ -352,7 +352,7 @@ def synthetic_brain_slice(size, rng):
     return np.clip(image, 0, 1).astype(np.float32)
 
 
-def write_demo_dataset(root, size=128, counts=(480, 64, 64), slices_per_case=16, seed=0):
+def write_demo_dataset(root, size=128, counts=(320, 64, 64), slices_per_case=16, seed=0):
     """Write the demo dataset in the OASIS layout (PNG) and return `root`.
 
     Deterministic for a given size, counts and seed; a folder already written with the same

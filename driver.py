@@ -46,7 +46,7 @@ class Config:
     grid_every: int = 1
     cmap: str = "gray"
     demo_dir: str = "demo_data"
-    pcnn_epochs: int = 10
+    pcnn_epochs: int = 5
     pcnn_learning_rate: float = 1e-3
     pcnn_variant: str = "gated"
     pcnn_filters: int = 32

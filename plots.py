@@ -19,6 +19,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
+UMASK = os.umask(0o022)
+os.umask(UMASK)
+
+
 def atomic_write(path, write):
     """Call `write(temporary_path)`, then move the result to `path` in one step."""
     folder = os.path.dirname(os.path.abspath(path))
@@ -28,6 +32,7 @@ def atomic_write(path, write):
     os.close(handle)
     try:
         write(temporary)
+        os.chmod(temporary, 0o666 & ~UMASK)  # mkstemp makes owner-only files; give the usual mode
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):

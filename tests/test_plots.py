@@ -23,6 +23,7 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
         plots.atomic_write(path, broken)
     assert json.load(open(path)) == {"ssim": 0.9}
     assert os.listdir(tmp_path) == ["metrics.json"]  # no temporary file left behind
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~plots.UMASK  # not mkstemp's owner-only 0600
 
 
 def test_atomic_write_keeps_multi_part_suffixes(tmp_path):
