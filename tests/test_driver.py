@@ -18,7 +18,7 @@ TINY = ["--K", "8", "--D", "4", "--filters", "4", "8", "--res-blocks", "1", "--b
         "--samples", "3"]
 
 
-def run_error(argv, capsys=None):
+def run_error(argv):
     with pytest.raises(SystemExit) as exit_info:
         driver.main(argv)
     message = str(exit_info.value.code)
