@@ -8,8 +8,8 @@ OUT=${OUT:-runs/readme}
 
 python driver.py --data "$DATA/oasis_like" --epochs 6 --max-minutes 18 --pcnn-epochs 3 --out "$OUT-oasis"
 python driver.py --data "$DATA/hipmri_like" --epochs 6 --max-minutes 18 --pcnn-epochs 0 --out "$OUT-hipmri"
-python benchmarks/sampling.py --json "$OUT-oasis/sampling_benchmark.json"
-python benchmarks/prior_variants.py --run "$OUT-oasis" --epochs 3 --json "$OUT-oasis/prior_variants.json"
+python benchmarks/sampling.py --run "$OUT-oasis" --json "$OUT-oasis/sampling_benchmark.json"
+python benchmarks/prior_variants.py --run "$OUT-oasis" --epochs 2 --json "$OUT-oasis/prior_variants.json"
 
 mkdir -p resources
 for name in loss ssim reconstructions code_maps pixelcnn_loss; do
