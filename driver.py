@@ -313,11 +313,20 @@ def encode_split(model, dataset):
     return np.concatenate([model.encode(images).numpy() for images in dataset])
 
 
+def code_dataset(grids, batch_size, shuffle=False, seed=0):
+    """(codes, codes) batches of (N, h, w) code grids: a PixelCNN predicts its own input."""
+    import tensorflow as tf
+
+    dataset = tf.data.Dataset.from_tensor_slices((grids, grids))
+    if shuffle:
+        dataset = dataset.shuffle(len(grids), seed=seed)
+    return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
 def train_prior(config, model, splits, run_dir):
     """Fit a PixelCNN to the code grids of the train split, validated on the validate split."""
     import keras
     import numpy as np
-    import tensorflow as tf
 
     import pixelcnn
     import plots
@@ -325,9 +334,7 @@ def train_prior(config, model, splits, run_dir):
     print(f"\nencoding the splits into code grids for the {config.pcnn_variant} PixelCNN prior", flush=True)
     codes = {split: encode_split(model, dataset) for split, dataset in splits.items()}
     plots.atomic_write(os.path.join(run_dir, "codes.npz"), lambda path: np.savez_compressed(path, **codes))
-    as_dataset = lambda grids, shuffle: (tf.data.Dataset.from_tensor_slices((grids, grids))  # noqa: E731
-                                         .shuffle(len(grids) if shuffle else 1, seed=config.seed)
-                                         .batch(config.pcnn_batch_size).prefetch(tf.data.AUTOTUNE))
+    as_dataset = lambda grids, shuffle: code_dataset(grids, config.pcnn_batch_size, shuffle, config.seed)  # noqa: E731
     prior = pixelcnn.PixelCNN(config.K, config.pcnn_variant, filters=config.pcnn_filters,
                               num_layers=config.pcnn_layers, num_res_blocks=config.pcnn_res_blocks)
     prior.compile(optimizer=keras.optimizers.Adam(config.pcnn_learning_rate),
@@ -391,8 +398,12 @@ def write_samples(model, prior, grid_shape, n, out_dir, temperature=1.0, seed=0,
     print(f"sampling {n} slices ({height}x{width} codes each)", flush=True)
     progress = keras.utils.Progbar(-(-n // batch_size) * height, unit_name="row")
     images, start = [], time.time()
+    samplers = {}  # by batch size: a Sampler traces its tf.function once and is reused
     for batch, first in enumerate(range(0, n, batch_size)):
-        sampler = pixelcnn.Sampler(prior, min(batch_size, n - first), height, width)
+        count = min(batch_size, n - first)
+        if count not in samplers:
+            samplers[count] = pixelcnn.Sampler(prior, count, height, width)
+        sampler = samplers[count]
         codes = sampler.sample(temperature, seed + first,
                                progress=lambda row: progress.update(batch * height + row))
         images.append(np.clip(model.decode(codes).numpy() - model.shift, 0, 1))

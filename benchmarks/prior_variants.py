@@ -18,8 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
+import driver  # noqa: E402
 import pixelcnn  # noqa: E402
 
 
@@ -33,10 +32,7 @@ def matched_plain_filters(target, num_embeddings, layers, res_blocks):
 
 def fit(model, codes, epochs, batch_size, learning_rate, seed):
     def dataset(grids, shuffle):
-        data = tf.data.Dataset.from_tensor_slices((grids, grids))
-        if shuffle:
-            data = data.shuffle(len(grids), seed=seed)
-        return data.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+        return driver.code_dataset(grids, batch_size, shuffle, seed)
 
     model.compile(optimizer=keras.optimizers.Adam(learning_rate),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
