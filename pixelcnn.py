@@ -83,29 +83,48 @@ class MaskedConv2D(layers.Layer):
         return int(np.flatnonzero(self.mask.any(axis=1))[0])
 
     @property
+    def last_row(self):
+        """The last kernel row the mask lets through (the centre row, or the one above it)."""
+        return int(np.flatnonzero(self.mask.any(axis=1))[-1])
+
+    @property
     def columns(self):
         """The first and last kernel columns the mask lets through."""
         used = np.flatnonzero(self.mask.any(axis=0))
         return int(used[0]), int(used[-1])
 
+    @property
+    def box_mask(self):
+        """The mask cut to its bounding box (a 7x7 mask of type HA keeps a 1x3 strip)."""
+        left, right = self.columns
+        return self.mask[self.first_row: self.last_row + 1, left: right + 1]
+
     def build(self, input_shape):
-        k = self.kernel_size
-        self.kernel = self.add_weight(shape=(k, k, input_shape[-1], self.filters), name="kernel",
-                                      initializer="glorot_uniform")
+        # Only the mask's bounding box is a weight, so that the parameter count (and the
+        # initialiser's fan-in) is not inflated by weights the mask always zeroes.
+        self.kernel = self.add_weight(shape=self.box_mask.shape + (input_shape[-1], self.filters),
+                                      name="kernel", initializer="glorot_uniform")
         self.bias = self.add_weight(shape=(self.filters,), name="bias", initializer="zeros")
 
+    def box_kernel(self):
+        return self.kernel * self.box_mask[:, :, None, None]
+
     def masked_kernel(self):
-        return self.kernel * self.mask[:, :, None, None]
+        """The full (k, k, in, out) kernel, zero wherever the mask is."""
+        k, left, right = self.kernel_size, *self.columns
+        rows = [self.first_row, k - 1 - self.last_row]
+        return tf.pad(self.box_kernel(), [rows, [left, k - 1 - right], [0, 0], [0, 0]])
 
     def call(self, inputs):
-        # Convolve with only the part of the kernel the mask lets through (a 7x7 mask of type
-        # HA keeps a 1x3 strip), padded so each output sits where a 'same' convolution puts it.
+        # Convolve with the bounding box only, padded so each output sits where a 'same'
+        # convolution of the full kernel puts it.
         r, top = self.radius, self.first_row
         left, right = self.columns
-        kernel = self.masked_kernel()[top: r + 1, left: right + 1]
         padded = tf.pad(inputs, [[0, 0], [r - top, 0], [r - left, max(0, right - r)], [0, 0]])
-        outputs = tf.nn.conv2d(padded, kernel, strides=1, padding="VALID")
-        return outputs[:, :, : tf.shape(inputs)[2]] + self.bias  # HA/A-type strips end left of centre
+        outputs = tf.nn.conv2d(padded, self.box_kernel(), strides=1, padding="VALID")
+        # Boxes that end above the centre row (VA) or left of the centre (A, HA) give extra
+        # rows or columns at the end.
+        return outputs[:, : tf.shape(inputs)[1], : tf.shape(inputs)[2]] + self.bias
 
     def get_config(self):
         config = super().get_config()

@@ -133,3 +133,17 @@ def test_cropped_masked_conv_equals_masked_same_conv(mask_type, kernel_size):
     expected = tf.nn.conv2d(inputs, layer.masked_kernel(), strides=1, padding="SAME") + layer.bias
     np.testing.assert_allclose(layer(inputs).numpy(), expected.numpy(), atol=1e-5)
     assert outputs.shape == (2, 6, 7, 4)
+
+
+@pytest.mark.parametrize("mask_type, kernel_size, taps", [
+    ("HA", 7, 3), ("HB", 3, 2), ("VA", 3, 3), ("VB", 3, 6), ("A", 3, 4), ("B", 3, 5), ("B", 1, 1)])
+def test_masked_conv_stores_only_the_masks_bounding_box(mask_type, kernel_size, taps):
+    layer = pixelcnn.MaskedConv2D(4, kernel_size, mask_type)
+    layer.build((None, None, None, 3))
+    box = layer.kernel.shape[0] * layer.kernel.shape[1]
+    # Horizontal and vertical strips are dense; A and B waste only the centre row's right part.
+    assert box == (taps if mask_type[0] in "HV" else kernel_size * (kernel_size // 2 + 1))
+    assert int(layer.mask.sum()) == taps
+    full = layer.masked_kernel().numpy()
+    assert full.shape == (kernel_size, kernel_size, 3, 4)
+    assert np.all(full[layer.mask == 0] == 0)
