@@ -4,6 +4,7 @@
     python driver.py --data DIR --K 128 --D 64 --epochs 30
     python driver.py reconstruct --run RUN_DIR --data DIR
     python driver.py sample --run RUN_DIR --n 16
+    python driver.py evaluate --run RUN_DIR           # metrics.json and report.html
     python driver.py -h                               # every option, with its default
 
 One `Config` holds every setting; the command line fills it in and it is saved as
@@ -19,7 +20,7 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-COMMANDS = ("train", "reconstruct", "sample")
+COMMANDS = ("train", "reconstruct", "sample", "evaluate")
 
 
 @dataclasses.dataclass
@@ -121,7 +122,7 @@ def build_parser():
         prog="driver.py",
         description="Train a VQ-VAE on 2D MRI slices, then a PixelCNN prior over its code grids, and write "
                     "models, metrics, plots, grids and samples to a run folder. Other commands: "
-                    "'driver.py reconstruct -h', 'driver.py sample -h'.",
+                    "'driver.py reconstruct -h', 'driver.py sample -h', 'driver.py evaluate -h'.",
     )
     add_config_arguments(parser)
     return parser
@@ -610,6 +611,58 @@ def sample(args):
     return images
 
 
+# ---------------------------------------------------------------------------
+# Evaluating a trained run
+
+
+def build_evaluate_parser():
+    parser = argparse.ArgumentParser(
+        prog="driver.py evaluate",
+        description="Score a trained run on the whole test split (SSIM, PSNR, MS-SSIM, codebook use, prior bits "
+                    "per code, and samples against real slices) and write RUN/metrics.json and a self-contained "
+                    "RUN/report.html.",
+    )
+    parser.add_argument("--run", required=True, help="run folder holding vqvae.keras (and pixelcnn.keras)")
+    parser.add_argument("--data", help="data root whose test split is scored (default: the run's own data)")
+    parser.add_argument("--samples", type=int, default=16,
+                        help="slices to sample and compare with real ones; 0 = skip (default: %(default)s)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=16, help="slices per batch (default: %(default)s)")
+    return parser
+
+
+def evaluate_command(args):
+    import evaluate
+
+    if args.samples < 0:
+        raise UsageError(f"--samples must be >= 0, got {args.samples}")
+    if args.temperature <= 0:
+        raise UsageError(f"--temperature must be > 0, got {args.temperature}")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    import keras
+
+    import pixelcnn  # noqa: F401  (importing registers the saved classes with Keras)
+    import vqvae  # noqa: F401
+
+    saved = load_run_config(args.run)
+    model_path, prior_path = (os.path.join(args.run, name) for name in ("vqvae.keras", "pixelcnn.keras"))
+    if not os.path.exists(model_path):
+        raise UsageError(f"--run {args.run}: no vqvae.keras")
+    config = Config(**{key: value for key, value in saved.items() if key in Config.__annotations__})
+    config.data, config.batch_size = args.data or saved["data"], args.batch_size
+    if not os.path.isdir(config.data):
+        raise UsageError(f"--data {config.data}: no such folder")
+    _, _, splits = prepare_data(config)  # at the run's image size (config.json has it)
+    model = keras.models.load_model(model_path)
+    prior = keras.models.load_model(prior_path) if os.path.exists(prior_path) else None
+    if prior is None:
+        print(f"{args.run} has no pixelcnn.keras: scoring the VQ-VAE only", flush=True)
+    return evaluate.evaluate_run(args.run, model, splits, prior, args.samples, args.temperature, args.seed,
+                                 config.cmap, config.data)
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "train"
@@ -618,6 +671,8 @@ def main(argv=None):
             return reconstruct(build_reconstruct_parser().parse_args(argv))
         if command == "sample":
             return sample(build_sample_parser().parse_args(argv))
+        if command == "evaluate":
+            return evaluate_command(build_evaluate_parser().parse_args(argv))
         config = Config(**vars(build_parser().parse_args(argv)))
         return train(config)
     except UsageError as error:

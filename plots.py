@@ -146,6 +146,39 @@ def code_map_figure(images, indices, num_embeddings, path):
     save_figure(figure, path)
 
 
+def histogram(values, path, xlabel, title, bins=30):
+    """A histogram of per-slice scores, with the mean marked. Returns `path`."""
+    values = np.asarray(values, dtype=float)
+    figure, axis = plt.subplots(figsize=(6, 3.5))
+    axis.hist(values[np.isfinite(values)], bins=bins, color="tab:blue", alpha=0.8)
+    axis.axvline(np.nanmean(values), color="black", linestyle="--", label=f"mean {np.nanmean(values):.3f}")
+    axis.set_xlabel(xlabel)
+    axis.set_ylabel("slices")
+    axis.set_title(title, fontsize=10)
+    axis.legend(fontsize=8)
+    save_figure(figure, path)
+    return path
+
+
+def codebook_usage(counts, path, title):
+    """How often each code is used, most used first (log scale); unused codes are marked."""
+    counts = np.sort(np.asarray(counts, dtype=float))[::-1]
+    figure, axis = plt.subplots(figsize=(6, 3.5))
+    used = counts > 0
+    axis.bar(np.arange(counts.size)[used], counts[used], width=1.0, color="tab:blue")
+    if not used.all():
+        axis.axvspan(used.sum() - 0.5, counts.size - 0.5, color="tab:red", alpha=0.15,
+                     label=f"{(~used).sum()} dead codes")
+        axis.legend(fontsize=8)
+    axis.set_yscale("log")
+    axis.set_xlim(-0.5, counts.size - 0.5)
+    axis.set_xlabel("code rank (most used first)")
+    axis.set_ylabel("uses (log scale)")
+    axis.set_title(title, fontsize=10)
+    save_figure(figure, path)
+    return path
+
+
 # ---------------------------------------------------------------------------
 # Callbacks that keep the run folder's figures current
 

@@ -108,6 +108,23 @@ def test_train_then_reconstruct(oasis_root, tmp_path):
     image = nibabel.load(os.path.join(out, "sample_004.nii.gz")).get_fdata()
     assert image.shape == (32, 32) and 0 <= image.min() and image.max() <= 1
 
+    # evaluate: scores merged into metrics.json, and one self-contained HTML page.
+    merged, report = driver.main(["evaluate", "--run", run, "--samples", "4", "--batch-size", "4"])
+    assert json.load(open(os.path.join(run, "metrics.json"))) == merged
+    assert merged["val_ssim_best"] == saved["val_ssim_best"]  # training metrics are kept
+    assert abs(merged["test_ssim_mean"] - saved["test_ssim_mean"]) < 1e-3
+    assert merged["test_codes_used"] + merged["test_dead_codes"] == 8
+    assert merged["ms_ssim_settings"]["scales"] == 2 and 0 < merged["test_ms_ssim_mean"] <= 1
+    for key in ("samples_nn_ssim_mean", "real_nn_ssim_mean", "samples_pairwise_ssim", "real_pairwise_ssim"):
+        assert -1 <= merged[key] <= 1, key
+    assert 0 <= merged["code_histogram_js_bits"] <= 1 and merged["prior_test_bits_per_code"] > 0
+    page = open(report).read()
+    assert page.count("data:image/png;base64,") == 9  # 3 curves, 3 reconstruction and 2 codebook figures, samples
+    assert "http" not in page.replace("http-equiv", "")
+    for name in ("ssim_histogram.png", "worst_reconstructions.png", "codebook_usage.png", "samples_nearest.png"):
+        assert os.path.exists(os.path.join(run, "evaluation", name)), name
+    assert "--samples must be >= 0" in run_error(["evaluate", "--run", run, "--samples", "-1"])
+
     assert "already holds a run" in run_error(["--data", oasis_root, "--out", run])
     assert "no config.json" in run_error(["reconstruct", "--run", str(tmp_path)])
 
