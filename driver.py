@@ -36,7 +36,7 @@ class Config:
     ema_decay: float = 0.99
     codebook_init: str = "kmeans"
     dead_code_steps: int = 50
-    epochs: int = 10
+    epochs: int = 15
     batch_size: int = 8
     learning_rate: float = 2e-3
     shift: float = -0.5
