@@ -302,7 +302,7 @@ METRIC_ROWS = [
         ("test_slices", "slices", "{:d}"), ("test_ssim_mean", "SSIM mean", "{:.4f}"),
         ("test_ssim_std", "SSIM std", "{:.4f}"), ("test_ssim_min", "SSIM min", "{:.4f}"),
         ("test_psnr_mean", "PSNR mean (dB)", "{:.2f}"), ("test_ms_ssim_mean", "MS-SSIM mean", "{:.4f}"),
-        ("test_ms_ssim_min", "MS-SSIM min", "{:.4f}"), ("ms_ssim_settings", "MS-SSIM settings", "{}"),
+        ("test_ms_ssim_min", "MS-SSIM min", "{:.4f}"), ("ms_ssim_settings", "MS-SSIM settings", "ms_ssim"),
     ]),
     ("Codebook (test split)", [
         ("test_codes_used", "codes used", "{:d}"), ("test_dead_codes", "dead codes", "{:d}"),
@@ -331,6 +331,9 @@ METRIC_ROWS = [
 
 
 def _format(value, pattern):
+    if pattern == "ms_ssim":
+        return (f"{value['scales']} scales, {value['filter_size']}-pixel Gaussian filter, weights "
+                + ", ".join(f"{w:.3f}" for w in value["power_factors"]))
     try:
         return pattern.format(value)
     except (ValueError, TypeError):
