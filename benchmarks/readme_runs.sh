@@ -1,21 +1,30 @@
 #!/usr/bin/env bash
 # Re-run the real-data runs behind the README's numbers and figures, and copy the figures
-# into resources/. About 90 minutes on 2 CPU cores. DATA defaults to ../shared/data.
+# into resources/. About 2 hours on 2 CPU cores. DATA defaults to ../shared/data.
+# The report screenshot needs a headless Chromium (Debian: apt-get install chromium).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-../shared/data}
 OUT=${OUT:-runs/readme}
 
-python driver.py --data "$DATA/oasis_like" --epochs 6 --max-minutes 18 --pcnn-epochs 3 --out "$OUT-oasis"
-python driver.py --data "$DATA/hipmri_like" --epochs 6 --max-minutes 18 --pcnn-epochs 0 --out "$OUT-hipmri"
+python driver.py --data "$DATA/oasis_like" --epochs 12 --max-minutes 18 --pcnn-epochs 3 --out "$OUT-oasis"
+python driver.py --data "$DATA/hipmri_like" --epochs 12 --max-minutes 18 --pcnn-epochs 0 --out "$OUT-hipmri"
+python driver.py evaluate --run "$OUT-oasis" --samples 16
 python benchmarks/sampling.py --run "$OUT-oasis" --json "$OUT-oasis/sampling_benchmark.json"
-python benchmarks/prior_variants.py --run "$OUT-oasis" --epochs 2 --json "$OUT-oasis/prior_variants.json"
+python benchmarks/prior_variants.py --run "$OUT-oasis" --epochs 4 --json "$OUT-oasis/prior_variants.json"
+python benchmarks/codebook.py --data "$DATA/oasis_like" --K 128 512 --minutes 6 --image-size 128 \
+    --out "$OUT-codebook" --json "$OUT-codebook/codebook.json"
 
 mkdir -p resources
 for name in loss ssim reconstructions code_maps pixelcnn_loss; do
     cp "$OUT-oasis/$name.png" "resources/oasis_$name.png"
 done
 cp "$OUT-oasis/samples/samples.png" resources/oasis_samples.png
+for name in samples_nearest codebook_usage ssim_histogram worst_reconstructions; do
+    cp "$OUT-oasis/evaluation/$name.png" "resources/oasis_eval_$name.png"
+done
 for name in ssim reconstructions code_maps; do
     cp "$OUT-hipmri/$name.png" "resources/hipmri_$name.png"
 done
+chromium --headless --no-sandbox --hide-scrollbars --window-size=1200,2200 \
+    --screenshot="$PWD/resources/report_screenshot.png" "file://$PWD/$OUT-oasis/report.html"
