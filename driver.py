@@ -633,7 +633,11 @@ def build_evaluate_parser():
 
 
 def evaluate_command(args):
+    import keras
+
     import evaluate
+    import pixelcnn  # noqa: F401  (importing registers the saved classes with Keras)
+    import vqvae  # noqa: F401
 
     if args.samples < 0:
         raise UsageError(f"--samples must be >= 0, got {args.samples}")
@@ -641,11 +645,6 @@ def evaluate_command(args):
         raise UsageError(f"--temperature must be > 0, got {args.temperature}")
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
-    import keras
-
-    import pixelcnn  # noqa: F401  (importing registers the saved classes with Keras)
-    import vqvae  # noqa: F401
-
     saved = load_run_config(args.run)
     model_path, prior_path = (os.path.join(args.run, name) for name in ("vqvae.keras", "pixelcnn.keras"))
     if not os.path.exists(model_path):

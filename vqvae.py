@@ -218,8 +218,8 @@ def get_encoder(latent_dim, filters=(16, 64), num_res_blocks=2):
 def get_decoder(latent_dim, filters=(16, 64), num_res_blocks=2):
     """(B, h, w, latent_dim) codes -> (B, h * 2^len(filters), w * 2^len(filters), 1).
 
-    Mirrors the encoder: residual stack at the code resolution, then one stride-2
-    transposed conv per entry of `filters`, the last one straight to the image."""
+    A residual stack at the code resolution, then one stride-2 transposed conv per entry
+    of `filters` (widths filters[-1], ..., filters[1], then straight to the image)."""
     inputs = keras.Input((None, None, latent_dim))
     x = layers.Conv2D(filters[-1], 3, padding="same", name="from_latent")(inputs)
     for block in range(num_res_blocks):
