@@ -183,12 +183,11 @@ def js_divergence(counts_p, counts_q):
 
 
 def score_reconstructions(model, dataset, ms_settings, worst=5):
-    """Per-slice SSIM, PSNR and MS-SSIM over a split, the code counts, and the `worst`
-    slices by SSIM with their reconstructions (all images in [0, 1])."""
+    """Per-slice SSIM, PSNR and MS-SSIM over a split, its (N, h, w) code grids, and the
+    `worst` slices by SSIM with their reconstructions (all images in [0, 1])."""
     import vqvae
 
-    ssims, psnrs, ms_ssims = [], [], []
-    counts = np.zeros(model.num_embeddings, np.int64)
+    ssims, psnrs, ms_ssims, grids = [], [], [], []
     kept = []  # (ssim, original, reconstruction), at most `worst`
     for images in dataset:
         reconstructions, indices = model.reconstruct(images)
@@ -198,10 +197,10 @@ def score_reconstructions(model, dataset, ms_settings, worst=5):
         ssims.append(batch_ssim)
         psnrs.append(vqvae.image_psnr(images, reconstructions, model.shift).numpy())
         ms_ssims.append(ms_ssim(originals, clipped, ms_settings).numpy())
-        counts += code_counts(indices.numpy(), model.num_embeddings)
+        grids.append(indices.numpy())
         kept += [(s, o, r) for s, o, r in zip(batch_ssim, originals.numpy(), clipped.numpy())]
         kept = sorted(kept, key=lambda item: item[0])[:worst]
-    return np.concatenate(ssims), np.concatenate(psnrs), np.concatenate(ms_ssims), counts, kept
+    return np.concatenate(ssims), np.concatenate(psnrs), np.concatenate(ms_ssims), np.concatenate(grids), kept
 
 
 def split_images(dataset, shift):
@@ -225,7 +224,8 @@ def evaluate_run(run_dir, model, splits, prior=None, samples=16, temperature=1.0
     start = time.time()
     print("scoring reconstructions of the whole test split", flush=True)
     ms_settings = ms_ssim_settings(*image_size)
-    ssims, psnrs, ms_ssims, counts, worst = score_reconstructions(model, splits["test"], ms_settings)
+    ssims, psnrs, ms_ssims, test_grids, worst = score_reconstructions(model, splits["test"], ms_settings)
+    counts = code_counts(test_grids, model.num_embeddings)
     metrics.update({
         "test_slices": int(ssims.size), "test_ssim_mean": float(ssims.mean()), "test_ssim_std": float(ssims.std()),
         "test_ssim_min": float(ssims.min()), "test_psnr_mean": float(psnrs[np.isfinite(psnrs)].mean()),
@@ -247,7 +247,6 @@ def evaluate_run(run_dir, model, splits, prior=None, samples=16, temperature=1.0
 
     if prior is not None:
         print("prior: bits per code on the test split's codes", flush=True)
-        test_grids = np.concatenate([model.encode(images).numpy() for images in splits["test"]])
         loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
         losses = [float(loss(grids, prior(grids))) * len(grids)
                   for grids in np.array_split(test_grids, max(1, len(test_grids) // 32))]
@@ -270,8 +269,7 @@ def evaluate_run(run_dir, model, splits, prior=None, samples=16, temperature=1.0
             "samples_nn_ssim_mean": float(sample_nn.mean()), "samples_nn_ssim_max": float(sample_nn.max()),
             "real_nn_ssim_mean": float(real_nn.mean()), "real_nn_ssim_max": float(real_nn.max()),
             "samples_pairwise_ssim": mean_pairwise_ssim(generated), "real_pairwise_ssim": mean_pairwise_ssim(real),
-            "code_histogram_js_bits": js_divergence(code_counts(sample_codes, model.num_embeddings) + 0.0,
-                                                    counts + 0.0),
+            "code_histogram_js_bits": js_divergence(code_counts(sample_codes, model.num_embeddings), counts),
         })
         figures["samples"] = os.path.join(out, "samples_nearest.png")
         order = np.argsort(-sample_nn)[:8]
