@@ -145,6 +145,13 @@ def build_reconstruct_parser():
     return parser
 
 
+def require(checks):
+    """Raise a UsageError with the message of the first (ok, message) check that fails."""
+    for ok, message in checks:
+        if not ok:
+            raise UsageError(message)
+
+
 def validate(config):
     """Check flag values before any work starts."""
     checks = [
@@ -178,9 +185,7 @@ def validate(config):
         (config.slice_axis in (-3, -2, -1, 0, 1, 2), f"--slice-axis must be one of 0, 1, 2 (or -1..-3), "
                                                       f"got {config.slice_axis}"),
     ]
-    for ok, message in checks:
-        if not ok:
-            raise UsageError(message)
+    require(checks)
     if config.image_size is not None:
         check_image_size(config.image_size, 2 ** len(config.filters))
     if config.data is not None and not os.path.isdir(config.data):
@@ -591,12 +596,9 @@ def sample(args):
     import pixelcnn  # noqa: F401  (importing registers the saved classes with Keras)
     import vqvae  # noqa: F401
 
-    if args.n < 1:
-        raise UsageError(f"--n must be >= 1, got {args.n}")
-    if args.temperature <= 0:
-        raise UsageError(f"--temperature must be > 0, got {args.temperature}")
-    if args.batch_size < 1:
-        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    require([(args.n >= 1, f"--n must be >= 1, got {args.n}"),
+             (args.temperature > 0, f"--temperature must be > 0, got {args.temperature}"),
+             (args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}")])
     config = load_run_config(args.run)
     paths = [os.path.join(args.run, name) for name in ("vqvae.keras", "pixelcnn.keras")]
     for path in paths:
@@ -639,12 +641,9 @@ def evaluate_command(args):
     import pixelcnn  # noqa: F401  (importing registers the saved classes with Keras)
     import vqvae  # noqa: F401
 
-    if args.samples < 0:
-        raise UsageError(f"--samples must be >= 0, got {args.samples}")
-    if args.temperature <= 0:
-        raise UsageError(f"--temperature must be > 0, got {args.temperature}")
-    if args.batch_size < 1:
-        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    require([(args.samples >= 0, f"--samples must be >= 0, got {args.samples}"),
+             (args.temperature > 0, f"--temperature must be > 0, got {args.temperature}"),
+             (args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}")])
     saved = load_run_config(args.run)
     model_path, prior_path = (os.path.join(args.run, name) for name in ("vqvae.keras", "pixelcnn.keras"))
     if not os.path.exists(model_path):
