@@ -483,6 +483,23 @@ def load_run_config(run_dir):
         return json.load(f)
 
 
+def load_run_model(run_dir, name, required=True):
+    """Load RUN/<name> with plain keras.models.load_model. A missing file is a UsageError,
+    or None if not `required`."""
+    import keras
+
+    import pixelcnn  # noqa: F401  (importing registers the saved classes with Keras)
+    import vqvae  # noqa: F401
+
+    path = os.path.join(run_dir, name)
+    if os.path.exists(path):
+        return keras.models.load_model(path)
+    if required:
+        hint = " (was the run trained with --pcnn-epochs 0?)" if name == "pixelcnn.keras" else ""
+        raise UsageError(f"--run {run_dir}: no {name}{hint}")
+    return None
+
+
 def named_slices(files, config):
     """(name, [0, 1] slice) for every slice in the files, resized to the run's image size."""
     import numpy as np
@@ -507,13 +524,10 @@ def reconstruct(args):
 
     import data
     import plots
-    import vqvae  # also registers the saved classes with Keras
+    import vqvae
 
     config = load_run_config(args.run)
-    model_path = os.path.join(args.run, "vqvae.keras")
-    if not os.path.exists(model_path):
-        raise UsageError(f"--run {args.run}: no vqvae.keras")
-    model = keras.models.load_model(model_path)
+    model = load_run_model(args.run, "vqvae.keras")
     root = args.data or config["data"]
     if not os.path.isdir(root):
         raise UsageError(f"--data {root}: no such folder")
@@ -591,21 +605,11 @@ def build_sample_parser():
 
 
 def sample(args):
-    import keras
-
-    import pixelcnn  # noqa: F401  (importing registers the saved classes with Keras)
-    import vqvae  # noqa: F401
-
     require([(args.n >= 1, f"--n must be >= 1, got {args.n}"),
              (args.temperature > 0, f"--temperature must be > 0, got {args.temperature}"),
              (args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}")])
     config = load_run_config(args.run)
-    paths = [os.path.join(args.run, name) for name in ("vqvae.keras", "pixelcnn.keras")]
-    for path in paths:
-        if not os.path.exists(path):
-            raise UsageError(f"--run {args.run}: no {os.path.basename(path)}"
-                             + (" (was the run trained with --pcnn-epochs 0?)" if "pixelcnn" in path else ""))
-    model, prior = (keras.models.load_model(path) for path in paths)
+    model, prior = (load_run_model(args.run, name) for name in ("vqvae.keras", "pixelcnn.keras"))
     grid_shape = [size // model.downsampling for size in config["image_size"]]
     out = args.out or os.path.join(args.run, f"samples-seed{args.seed}")
     images, _ = write_samples(model, prior, grid_shape, args.n, out, args.temperature, args.seed, args.batch_size,
@@ -635,26 +639,19 @@ def build_evaluate_parser():
 
 
 def evaluate_command(args):
-    import keras
-
     import evaluate
-    import pixelcnn  # noqa: F401  (importing registers the saved classes with Keras)
-    import vqvae  # noqa: F401
 
     require([(args.samples >= 0, f"--samples must be >= 0, got {args.samples}"),
              (args.temperature > 0, f"--temperature must be > 0, got {args.temperature}"),
              (args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}")])
     saved = load_run_config(args.run)
-    model_path, prior_path = (os.path.join(args.run, name) for name in ("vqvae.keras", "pixelcnn.keras"))
-    if not os.path.exists(model_path):
-        raise UsageError(f"--run {args.run}: no vqvae.keras")
+    model = load_run_model(args.run, "vqvae.keras")
+    prior = load_run_model(args.run, "pixelcnn.keras", required=False)
     config = Config(**{key: value for key, value in saved.items() if key in Config.__annotations__})
     config.data, config.batch_size = args.data or saved["data"], args.batch_size
     if not os.path.isdir(config.data):
         raise UsageError(f"--data {config.data}: no such folder")
     _, _, splits = prepare_data(config)  # at the run's image size (config.json has it)
-    model = keras.models.load_model(model_path)
-    prior = keras.models.load_model(prior_path) if os.path.exists(prior_path) else None
     if prior is None:
         print(f"{args.run} has no pixelcnn.keras: scoring the VQ-VAE only", flush=True)
     return evaluate.evaluate_run(args.run, model, splits, prior, args.samples, args.temperature, args.seed,
