@@ -21,11 +21,24 @@ zeros. `shift` is then added, so [0, 1] becomes [shift, 1 + shift].
 
 Every slice is resized to fit `image_size` with its aspect ratio kept and zero padding
 (`tf.image.resize_with_pad`), so files of different shapes batch together.
+
+Each split is decoded once, on its first use, into a cache of TFRecord shards
+(`cache_split`); every epoch then reads the shards (`cached_dataset`), so NIfTI files are
+not decoded in Python again and memory stays flat however many slices there are.
+
+Bad input: a file that cannot be used (truncated or corrupt, not an image, unreadable, all
+NaN, a zero-size axis) is skipped, and named with its reason in the log and the cache's
+manifest; one bad file among thousands should not end a run. A data folder that cannot be
+used (missing, empty, a missing split folder, a split with no usable file) stops the run
+with a `DataError` before training starts.
 """
 
 import dataclasses
+import hashlib
+import json
 import os
 import re
+import tempfile
 
 import numpy as np
 import tensorflow as tf
@@ -37,6 +50,9 @@ PNG_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
 PERCENTILES = (0.5, 99.5)
+SHUFFLE_BUFFER = 512  # slices
+SHARD_BYTES = 32 * 2**20  # target size of one cache shard
+CACHE_VERSION = 1
 
 
 class DataError(ValueError):
@@ -50,6 +66,8 @@ class SliceSource:
     root: str
     layout: str  # "oasis", "hipmri", "flat-png" or "flat-nifti"
     files: dict  # split name -> sorted list of file paths
+    slices: dict = None  # split name -> number of usable slices, once the splits are cached
+    ignored: list = dataclasses.field(default_factory=list)  # files of other kinds, not read
 
     @property
     def is_png(self):
@@ -69,12 +87,14 @@ def is_nifti(path):
 
 
 def list_images(folder):
-    """Sorted PNG and NIfTI files directly inside `folder`."""
+    """Sorted PNG and NIfTI file names directly inside `folder` (anything with an image
+    suffix that is not a folder, so unreadable files and dangling links are reported later
+    instead of silently ignored)."""
     names = sorted(os.listdir(folder))
     return [
         os.path.join(folder, name)
         for name in names
-        if (is_png(name) or is_nifti(name)) and os.path.isfile(os.path.join(folder, name))
+        if (is_png(name) or is_nifti(name)) and not os.path.isdir(os.path.join(folder, name))
     ]
 
 
@@ -126,13 +146,14 @@ def find_source(root, seed=0):
         if missing:
             raise DataError(f"--data {root}: {layout} layout but missing {', '.join(missing)}")
         wanted = is_png if layout == "oasis" else is_nifti
-        files = {}
+        files, ignored = {}, []
         for split, d in dirs.items():
             files[split] = [f for f in list_images(os.path.join(root, d)) if wanted(f)]
+            ignored += other_files(os.path.join(root, d), files[split])
             if not files[split]:
                 kind = "PNG" if layout == "oasis" else ".nii/.nii.gz"
                 raise DataError(f"--data {os.path.join(root, d)}: no {kind} files")
-        return SliceSource(root, layout, files)
+        return SliceSource(root, layout, files, ignored=ignored)
 
     files = list_images(root)
     if not files:
@@ -143,7 +164,15 @@ def find_source(root, seed=0):
     pngs = [f for f in files if is_png(f)]
     layout, files = ("flat-png", pngs) if len(pngs) >= len(files) / 2 else (
         "flat-nifti", [f for f in files if is_nifti(f)])
-    return SliceSource(root, layout, split_by_case(files, seed))
+    return SliceSource(root, layout, split_by_case(files, seed), ignored=other_files(root, files))
+
+
+def other_files(folder, used):
+    """The files in `folder` that are not in `used` (notes, masks of another format, ...);
+    they are ignored, and listed in the log so nothing is dropped unseen."""
+    used = set(used)
+    return [os.path.join(folder, name) for name in sorted(os.listdir(folder))
+            if os.path.join(folder, name) not in used and not os.path.isdir(os.path.join(folder, name))]
 
 
 # ---------------------------------------------------------------------------
@@ -169,9 +198,15 @@ def nifti_slices(path, slice_axis=-1, volume_index=0):
     import nibabel
 
     try:
-        array = np.asanyarray(nibabel.load(path).dataobj)
+        image = nibabel.load(path)
+        if 0 in image.shape:
+            raise DataError(f"{path}: has a zero-size axis (shape {image.shape})")
+        array = np.asanyarray(image.dataobj)
+    except DataError:
+        raise
     except Exception as error:  # nibabel raises many types for broken files
-        raise DataError(f"{path}: cannot read NIfTI ({error})") from error
+        reason = " ".join(str(error).split())
+        raise DataError(f"{path}: cannot read NIfTI ({reason})") from error
     if array.ndim == 4:
         if not 0 <= volume_index < array.shape[3]:
             raise DataError(f"{path}: 4D with {array.shape[3]} volumes, no volume {volume_index}")
@@ -180,6 +215,8 @@ def nifti_slices(path, slice_axis=-1, volume_index=0):
         array = array[..., 0]
     if array.ndim not in (2, 3) or min(array.shape) == 0:
         raise DataError(f"{path}: expected a 2D slice or 3D volume, got shape {array.shape}")
+    if not np.isfinite(array).any():
+        raise DataError(f"{path}: no finite values (all NaN or Inf)")
     array = normalize_intensity(array)
     if array.ndim == 2:
         return [array]
@@ -211,16 +248,27 @@ def default_image_size(source, multiple, slice_axis=-1):
     slices, rounded up to a multiple of the model's downsampling factor."""
     files = source.files["train"]
     if source.is_png:
-        shapes = [tuple(decode_png(files[0]).shape[:2])]  # the PNG layouts hold slices of one size
+        readable, _ = readable_images(files[:16])  # the PNG layouts hold slices of one size
+        shapes = [tuple(decode_png(path).shape[:2]) for path in readable[:1]]
     else:
-        shapes = [nifti_shape(f, slice_axis) for f in files]
+        shapes = []
+        for path in files:
+            try:
+                shape = nifti_shape(path, slice_axis)
+            except Exception:  # a broken file: skipped, with its reason, when the split is cached
+                continue
+            if len(shape) == 2 and min(shape) > 0:
+                shapes.append(shape)
+    if not shapes:
+        raise DataError(f"--data {source.root}: cannot read the size of any training slice; "
+                        f"give --image-size")
     height = max(s[0] for s in shapes)
     width = max(s[1] for s in shapes)
     return (-(-height // multiple) * multiple, -(-width // multiple) * multiple)
 
 
 # ---------------------------------------------------------------------------
-# tf.data pipelines
+# Decoding every slice of a split once
 
 
 def fit_to_size(image, image_size):
@@ -228,8 +276,37 @@ def fit_to_size(image, image_size):
     return tf.image.resize_with_pad(image, image_size[0], image_size[1], antialias=True)
 
 
-def png_dataset(folder, image_size, shuffle, seed):
-    """Unbatched (H, W, 1) float32 slices in [0, 1] from a folder of PNG files."""
+def readable_images(files):
+    """Split image files into those TensorFlow can read and decode, and (path, reason)
+    for the rest (truncated or corrupt files, non-images, unreadable or dangling paths)."""
+    def shape(path):
+        return path, tf.shape(decode_png(path))
+
+    paths = tf.data.Dataset.from_tensor_slices(list(files))
+    decoded = paths.map(tf.autograph.experimental.do_not_convert(shape),
+                        num_parallel_calls=tf.data.AUTOTUNE).ignore_errors()
+    good = {path.numpy().decode() for path, size in decoded if min(size.numpy()) > 0}
+    bad = []
+    for path in files:
+        if path not in good:
+            try:
+                decode_png(path)
+                reason = "has no pixels"
+            except tf.errors.OpError as error:
+                reason = error_reason(error)
+            bad.append((path, reason))
+    return [f for f in files if f in good], bad
+
+
+def error_reason(error):
+    """The readable part of a TensorFlow error message."""
+    message = re.sub(r"\{\{function_node [^}]*\}\}\s*", "", error.message)
+    return re.sub(r"\s*\[Op:\w+\].*", "", message.splitlines()[0]).strip() or type(error).__name__
+
+
+def png_dataset(folder, image_size):
+    """Unbatched (H, W, 1) float32 slices in [0, 1] from a folder of PNG files, in file
+    order. Files that cannot be decoded are dropped (`readable_images` names them)."""
     import keras
 
     dataset = keras.utils.image_dataset_from_directory(
@@ -239,21 +316,28 @@ def png_dataset(folder, image_size, shuffle, seed):
         image_size=tuple(image_size),
         pad_to_aspect_ratio=True,
         batch_size=None,
-        shuffle=shuffle,
-        seed=seed,
+        shuffle=False,
         verbose=False,
     )
-    return dataset.map(lambda image: image / 255.0, num_parallel_calls=tf.data.AUTOTUNE)
+    return dataset.ignore_errors().map(lambda image: image / 255.0, num_parallel_calls=tf.data.AUTOTUNE)
 
 
-def nifti_dataset(files, image_size, shuffle, seed, slice_axis=-1, volume_index=0):
-    """Unbatched (H, W, 1) float32 slices in [0, 1] from NIfTI files.
+def nifti_dataset(files, image_size, slice_axis=-1, volume_index=0, skipped=None):
+    """Unbatched (H, W, 1) float32 slices in [0, 1] from NIfTI files, in file order.
 
-    Files are read by a nibabel generator, several in parallel through `interleave`, so the
-    whole dataset is never in memory."""
+    Files are read by a nibabel generator, several in parallel through `interleave`.
+    A file that cannot be used is skipped and (path, reason) appended to `skipped`."""
 
     def generate(path):
-        for image in nifti_slices(path.decode(), slice_axis, volume_index):
+        path = path.decode()
+        try:
+            slices = nifti_slices(path, slice_axis, volume_index)
+        except DataError as error:
+            if skipped is None:
+                raise
+            skipped.append((path, str(error).removeprefix(f"{path}: ")))
+            return
+        for image in slices:
             yield image[..., None]
 
     def read_file(path):
@@ -264,35 +348,157 @@ def nifti_dataset(files, image_size, shuffle, seed, slice_axis=-1, volume_index=
         )
 
     paths = tf.data.Dataset.from_tensor_slices(list(files))
-    if shuffle:
-        paths = paths.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
-    dataset = paths.interleave(
-        read_file,
-        cycle_length=4,
-        num_parallel_calls=tf.data.AUTOTUNE,
-        deterministic=not shuffle,
-    )
+    dataset = paths.interleave(read_file, cycle_length=4, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return dataset.map(lambda image: fit_to_size(image, image_size), num_parallel_calls=tf.data.AUTOTUNE)
 
 
-def split_dataset(source, split, image_size, batch_size, shift=0.0, shuffle=False, seed=0,
-                  slice_axis=-1, volume_index=0):
-    """Batched, prefetched float32 (B, H, W, 1) slices of one split, in [shift, 1 + shift]."""
+def decoded_slices(source, split, image_size, slice_axis=-1, volume_index=0):
+    """Every slice of a split, decoded, normalised and resized, in file order, and the
+    files skipped as (path, reason)."""
     files = source.files[split]
-    if source.layout == "oasis":
-        dataset = png_dataset(os.path.join(source.root, OASIS_DIRS[split]), image_size, shuffle, seed)
-    elif source.layout == "flat-png":
-        dataset = tf.data.Dataset.from_tensor_slices(files)
-        if shuffle:
-            dataset = dataset.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
-        dataset = dataset.map(lambda path: fit_to_size(decode_png(path), image_size),
-                              num_parallel_calls=tf.data.AUTOTUNE)
+    skipped = []
+    if source.is_png:
+        files, skipped = readable_images(files)
+        if source.layout == "oasis":
+            dataset = png_dataset(os.path.join(source.root, OASIS_DIRS[split]), image_size)
+        else:
+            dataset = tf.data.Dataset.from_tensor_slices(files).map(
+                lambda path: fit_to_size(decode_png(path), image_size), num_parallel_calls=tf.data.AUTOTUNE)
     else:
-        dataset = nifti_dataset(files, image_size, shuffle, seed, slice_axis, volume_index)
+        dataset = nifti_dataset(files, image_size, slice_axis, volume_index, skipped)
+    return dataset, skipped
+
+
+# ---------------------------------------------------------------------------
+# The slice cache: each split decoded once into TFRecord shards
+
+
+def cache_key(source, split, image_size, slice_axis, volume_index):
+    """A digest of everything a split's cached slices depend on: the files (path, size and
+    modification time), the target size, the NIfTI slicing settings and the format."""
+    digest = hashlib.sha1(json.dumps([CACHE_VERSION, source.layout, list(image_size), slice_axis, volume_index]).encode())
+    for path in source.files[split]:
+        try:
+            stat = os.stat(path)
+            digest.update(f"{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+        except OSError:
+            digest.update(f"{os.path.abspath(path)}|missing\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def cache_split(source, split, image_size, cache_dir, slice_axis=-1, volume_index=0, verbose=True):
+    """Decode every slice of a split once and store it in `cache_dir` as TFRecord shards of
+    uint16 pixels (exact for 8-bit PNGs, within 1e-5 for NIfTI). Returns the manifest:
+    shard paths, slice count and skipped files. A cache already written for the same files
+    and settings is reused; shards and manifest are written atomically, so a killed run
+    leaves no cache that looks complete."""
+    folder = os.path.join(cache_dir, f"{split}-{cache_key(source, split, image_size, slice_axis, volume_index)}")
+    manifest_path = os.path.join(folder, "manifest.json")
+    if os.path.exists(manifest_path):
+        with open(manifest_path) as f:
+            manifest = json.load(f)
+        manifest["shards"] = [os.path.join(folder, name) for name in manifest["shards"]]
+        return manifest
+
+    os.makedirs(folder, exist_ok=True)
+    dataset, skipped = decoded_slices(source, split, image_size, slice_axis, volume_index)
+    height, width = image_size
+    per_shard = max(1, SHARD_BYTES // (2 * height * width))
+    shards, count, writer = [], 0, None
+    progress = keras_progbar(len(source.files[split]) if source.is_png else None, verbose, f"caching {split}")
+    for image in dataset:
+        if count % per_shard == 0:
+            if writer:
+                finish_shard(writer, folder, shards)
+            writer = (tf.io.TFRecordWriter(os.path.join(folder, ".partial.tfrecord")), len(shards))
+        pixels = np.round(np.clip(image.numpy()[..., 0], 0.0, 1.0) * 65535).astype("<u2")
+        writer[0].write(pixels.tobytes())
+        count += 1
+        if progress and count % 64 == 0:
+            progress.update(count)
+    if writer:
+        finish_shard(writer, folder, shards)
+    if progress:
+        progress.update(count, finalize=True)
+    if not count:
+        reasons = "; ".join(f"{os.path.basename(p)}: {r}" for p, r in skipped[:3])
+        raise DataError(f"--data {source.root}: no usable slices in the {split} split "
+                        f"({len(skipped)} of {len(source.files[split])} files skipped{': ' + reasons if reasons else ''})")
+    manifest = {"split": split, "slices": count, "image_size": [height, width], "shards": shards,
+                "files": len(source.files[split]), "skipped": [list(item) for item in sorted(skipped)]}
+    write_json_atomically(manifest_path, manifest)
+    manifest["shards"] = [os.path.join(folder, name) for name in shards]
+    return manifest
+
+
+def finish_shard(writer, folder, shards):
+    """Close the shard being written and give it its final name."""
+    record_writer, index = writer
+    record_writer.close()
+    name = f"shard-{index:05d}.tfrecord"
+    os.replace(os.path.join(folder, ".partial.tfrecord"), os.path.join(folder, name))
+    shards.append(name)
+
+
+def write_json_atomically(path, content):
+    temporary = path + ".partial"
+    with open(temporary, "w") as f:
+        json.dump(content, f, indent=2)
+    os.replace(temporary, path)
+
+
+def keras_progbar(total, verbose, name):
+    if not verbose:
+        return None
+    import keras
+
+    print(f"{name}: decoding each slice once into the cache", flush=True)
+    return keras.utils.Progbar(total, unit_name="slice")
+
+
+def cached_dataset(manifest, batch_size, shift=0.0, shuffle=False, seed=0):
+    """Batched (B, H, W, 1) float32 slices read back from a split's cache.
+
+    Shuffling reads the shards in a new random order each epoch, interleaved, through a
+    shuffle buffer of raw records, so memory stays flat however many slices there are."""
+    height, width = manifest["image_size"]
+    shards = tf.data.Dataset.from_tensor_slices(manifest["shards"])
     if shuffle:
-        dataset = dataset.shuffle(512, seed=seed, reshuffle_each_iteration=True)
-    dataset = dataset.map(lambda image: image + shift, num_parallel_calls=tf.data.AUTOTUNE)
-    return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+        shards = shards.shuffle(len(manifest["shards"]), seed=seed, reshuffle_each_iteration=True)
+    records = shards.interleave(tf.data.TFRecordDataset, cycle_length=min(8, len(manifest["shards"])),
+                                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    records = records.apply(tf.data.experimental.assert_cardinality(manifest["slices"]))
+    if shuffle:
+        records = records.shuffle(SHUFFLE_BUFFER, seed=seed, reshuffle_each_iteration=True)
+
+    def parse(record):
+        pixels = tf.reshape(tf.io.decode_raw(record, tf.uint16, little_endian=True), (height, width, 1))
+        return tf.cast(pixels, tf.float32) / 65535.0 + shift
+
+    dataset = records.map(parse, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size)
+    options = tf.data.Options()
+    # Under MultiWorkerMirroredStrategy, shard by element: there may be fewer files than workers.
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return dataset.with_options(options).prefetch(tf.data.AUTOTUNE)
+
+
+def split_dataset(source, split, image_size, batch_size, shift=0.0, shuffle=False, seed=0,
+                  slice_axis=-1, volume_index=0, cache_dir=None, verbose=False):
+    """Batched, prefetched float32 (B, H, W, 1) slices of one split, in [shift, 1 + shift],
+    decoded once into the cache in `cache_dir` (a temporary folder if None)."""
+    manifest = cache_split(source, split, image_size, cache_dir or temporary_cache_dir(), slice_axis,
+                           volume_index, verbose)
+    return cached_dataset(manifest, batch_size, shift, shuffle, seed)
+
+
+_TEMPORARY_CACHE = []
+
+
+def temporary_cache_dir():
+    """One temporary cache folder per process, removed when the process exits."""
+    if not _TEMPORARY_CACHE:
+        _TEMPORARY_CACHE.append(tempfile.TemporaryDirectory(prefix="mri-slice-cache-"))
+    return _TEMPORARY_CACHE[0].name
 
 
 # ---------------------------------------------------------------------------
