@@ -31,6 +31,12 @@ PACKAGE = "mri_vqvae"
 BN_MOMENTUM = 0.9
 
 
+def batch_norm(name):
+    """Batch normalisation whose statistics, under tf.distribute, are taken over the global
+    batch (all replicas), so training on N devices matches training on one."""
+    return layers.BatchNormalization(momentum=BN_MOMENTUM, synchronized=True, name=name)
+
+
 # ---------------------------------------------------------------------------
 # The quantizer
 
@@ -74,48 +80,62 @@ class VectorQuantizer(layers.Layer):
             raise ValueError(f"VectorQuantizer expects inputs with {self.embedding_dim} channels, "
                              f"got shape {input_shape}")
         k, d = self.num_embeddings, self.embedding_dim
+        # Under tf.distribute every replica computes the same update (the statistics are
+        # all-reduced and random draws come from the first replica), so the first replica's
+        # value is the one kept.
+        state = dict(aggregation="only_first_replica")
         self.codebook = self.add_weight(
             shape=(k, d), name="codebook", trainable=not self.uses_ema,
-            initializer=keras.initializers.RandomUniform(-1.0 / k, 1.0 / k),
+            initializer=keras.initializers.RandomUniform(-1.0 / k, 1.0 / k), **state,
         )
         # Moving averages of how many vectors each code received, and of their sum.
         self.cluster_size = self.add_weight(shape=(k,), name="cluster_size", initializer="zeros",
-                                            trainable=False)
+                                            trainable=False, **state)
         self.embedding_sum = self.add_weight(shape=(k, d), name="embedding_sum", initializer="zeros",
-                                             trainable=False)
+                                             trainable=False, **state)
         self.steps_unused = self.add_weight(shape=(k,), name="steps_unused", initializer="zeros",
-                                            trainable=False)
+                                            trainable=False, **state)
         self.initialized = self.add_weight(shape=(), name="initialized", initializer="zeros",
-                                           trainable=False)
+                                           trainable=False, **state)
 
-    def nearest_codes(self, flat_inputs):
+    def nearest_codes(self, flat_inputs, codebook=None):
         """Index of the nearest codebook vector (squared L2) for each row of (N, D) inputs."""
+        codebook = self.codebook if codebook is None else codebook
         distances = (
             tf.reduce_sum(flat_inputs**2, axis=1, keepdims=True)
-            - 2 * tf.matmul(flat_inputs, self.codebook, transpose_b=True)
-            + tf.reduce_sum(self.codebook**2, axis=1)
+            - 2 * tf.matmul(flat_inputs, codebook, transpose_b=True)
+            + tf.reduce_sum(codebook**2, axis=1)
         )
         return tf.argmin(distances, axis=1, output_type=tf.int32)
 
     def call(self, inputs, training=False):
         flat = tf.reshape(inputs, (-1, self.embedding_dim))
         if training and self.codebook_init == "kmeans":
-            tf.cond(self.initialized > 0, lambda: tf.constant(False), lambda: self._kmeans_init(flat))
+            self._initialize_once(flat)
         indices = self.nearest_codes(flat)
         quantized = tf.reshape(tf.gather(self.codebook, indices), tf.shape(inputs))
         if training:
             self._update_codebook(flat, indices)
 
-        commitment_loss = tf.reduce_mean((inputs - tf.stop_gradient(quantized)) ** 2)
-        loss = self.beta * commitment_loss
-        if not self.uses_ema:
-            loss += tf.reduce_mean((tf.stop_gradient(inputs) - quantized) ** 2)
-        self.add_loss(loss)
-
+        indices = tf.reshape(indices, tf.shape(inputs)[:-1])
+        self.add_loss(self.quantization_loss(inputs, indices))
         # Straight-through estimator: the forward pass uses the codes, the backward pass
         # copies the decoder's gradient to the encoder output as if quantization were identity.
         quantized = inputs + tf.stop_gradient(quantized - inputs)
-        return quantized, tf.reshape(indices, tf.shape(inputs)[:-1])
+        return quantized, indices
+
+    def quantization_loss(self, inputs, indices):
+        """beta * the commitment loss, plus the codebook loss when the codebook is learnt by
+        gradients (ema_decay == 0), for the inputs of a call and the indices it returned.
+
+        `VQVAE` calls this itself instead of reading the layer's `losses`: under
+        MirroredStrategy the replicas run in threads that share that list."""
+        inputs = tf.cast(inputs, self.codebook.dtype)  # float16 encoder outputs under mixed precision
+        quantized = tf.gather(self.codebook, indices)
+        loss = self.beta * tf.reduce_mean((inputs - tf.stop_gradient(quantized)) ** 2)
+        if not self.uses_ema:
+            loss += tf.reduce_mean((tf.stop_gradient(inputs) - quantized) ** 2)
+        return loss
 
     def _assignment_stats(self, flat, indices):
         """How many vectors went to each code and their sum, over all replicas."""
@@ -129,19 +149,41 @@ class VectorQuantizer(layers.Layer):
     def _random_rows(self, flat, count):
         return tf.gather(flat, tf.random.uniform((count,), 0, tf.shape(flat)[0], dtype=tf.int32))
 
-    def _kmeans_init(self, flat):
-        """Initialise the codebook by Lloyd's k-means on one batch of encoder outputs."""
+    @staticmethod
+    def _from_first_replica(tensors):
+        """The first replica's values of `tensors` on every replica (as they are, on one)."""
+        context = tf.distribute.get_replica_context()
+        if context is None or context.num_replicas_in_sync == 1:
+            return tensors
+        first = tf.equal(context.replica_id_in_sync_group, 0)
+        return context.all_reduce(tf.distribute.ReduceOp.SUM,
+                                  [tensor * tf.cast(first, tensor.dtype) for tensor in tensors])
+
+    def _initialize_once(self, flat):
+        """Initialise the codebook by k-means on the first training batch.
+
+        The k-means runs inside a tf.cond, where tf.distribute allows no communication
+        between replicas, so it is local; its result is then taken from the first replica
+        and assigned outside the cond (on later steps the assignments keep the values)."""
+        first_step = self.initialized <= 0
+        centers, counts = tf.cond(first_step, lambda: self._kmeans(flat),
+                                  lambda: (tf.identity(self.codebook), tf.identity(self.cluster_size)))
+        centers, counts = self._from_first_replica([centers, counts])
+        self.codebook.assign(tf.where(first_step, centers, self.codebook))
+        self.cluster_size.assign(tf.where(first_step, counts, self.cluster_size))
+        self.embedding_sum.assign(tf.where(first_step, centers * counts[:, None], self.embedding_sum))
+        self.initialized.assign(1.0)
+
+    def _kmeans(self, flat):
+        """Lloyd's k-means on (N, D) vectors: the centres and how many vectors each holds."""
         centers = self._random_rows(flat, self.num_embeddings)
         counts = tf.zeros((self.num_embeddings,))
         for _ in range(self.kmeans_iterations):
-            self.codebook.assign(centers)
-            counts, sums = self._assignment_stats(flat, self.nearest_codes(flat))
+            indices = self.nearest_codes(flat, centers)
+            counts = tf.math.unsorted_segment_sum(tf.ones_like(flat[:, 0]), indices, self.num_embeddings)
+            sums = tf.math.unsorted_segment_sum(flat, indices, self.num_embeddings)
             centers = tf.where(counts[:, None] > 0, sums / tf.maximum(counts[:, None], 1.0), centers)
-        self.codebook.assign(centers)
-        self.cluster_size.assign(counts)
-        self.embedding_sum.assign(centers * counts[:, None])
-        self.initialized.assign(1.0)
-        return tf.constant(True)
+        return centers, counts
 
     def _update_codebook(self, flat, indices):
         counts, sums = self._assignment_stats(flat, indices)
@@ -161,11 +203,7 @@ class VectorQuantizer(layers.Layer):
         steps_unused = tf.where(counts > 0, 0.0, self.steps_unused + 1)
         dead = steps_unused >= self.dead_code_steps
         # Every replica must restart a code at the same vector: take the first replica's draw.
-        replacement = self._random_rows(flat, self.num_embeddings)
-        context = tf.distribute.get_replica_context()
-        if context is not None and context.num_replicas_in_sync > 1:
-            first = tf.cast(tf.equal(context.replica_id_in_sync_group, 0), flat.dtype)
-            replacement = context.all_reduce(tf.distribute.ReduceOp.SUM, replacement * first)
+        [replacement] = self._from_first_replica([self._random_rows(flat, self.num_embeddings)])
         self.codebook.assign(tf.where(dead[:, None], replacement, self.codebook))
         if self.uses_ema:
             self.cluster_size.assign(tf.where(dead, 1.0, self.cluster_size))
@@ -193,10 +231,10 @@ def residual_block(x, filters, name):
     """ReLU -> 3x3 conv -> BN -> ReLU -> 1x1 conv -> BN, added back to the input."""
     y = layers.ReLU(name=f"{name}_relu1")(x)
     y = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"{name}_conv3")(y)
-    y = layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"{name}_bn1")(y)
+    y = batch_norm(name=f"{name}_bn1")(y)
     y = layers.ReLU(name=f"{name}_relu2")(y)
     y = layers.Conv2D(filters, 1, use_bias=False, name=f"{name}_conv1")(y)
-    y = layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"{name}_bn2")(y)
+    y = batch_norm(name=f"{name}_bn2")(y)
     return layers.Add(name=f"{name}_add")([x, y])
 
 
@@ -205,8 +243,8 @@ def get_encoder(latent_dim, filters=(16, 64), num_res_blocks=2):
     inputs = keras.Input((None, None, 1))
     x = inputs
     for stage, width in enumerate(filters):
-        x = layers.Conv2D(width, 4, strides=2, padding="same", name=f"down{stage}_conv")(x)
-        x = layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"down{stage}_bn")(x)
+        x = layers.Conv2D(width, 4, strides=2, padding="same", use_bias=False, name=f"down{stage}_conv")(x)
+        x = batch_norm(name=f"down{stage}_bn")(x)
         x = layers.ReLU(name=f"down{stage}_relu")(x)
     for block in range(num_res_blocks):
         x = residual_block(x, filters[-1], f"res{block}")
@@ -226,13 +264,14 @@ def get_decoder(latent_dim, filters=(16, 64), num_res_blocks=2):
         x = residual_block(x, filters[-1], f"res{block}")
     x = layers.ReLU(name="res_relu")(x)
     for stage, width in enumerate(reversed(filters[1:])):
-        x = layers.Conv2DTranspose(width, 4, strides=2, padding="same", name=f"up{stage}_conv")(x)
-        x = layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"up{stage}_bn")(x)
+        x = layers.Conv2DTranspose(width, 4, strides=2, padding="same", use_bias=False, name=f"up{stage}_conv")(x)
+        x = batch_norm(name=f"up{stage}_bn")(x)
         x = layers.ReLU(name=f"up{stage}_relu")(x)
     # The last stage upsamples straight to the image. A hidden full-resolution layer
     # followed by a 3x3 conv to one channel took half of each training step on CPU and left
     # a checkerboard texture (demo: validation SSIM 0.79 in 173 s, against 0.88 in 105 s).
-    outputs = layers.Conv2DTranspose(1, 4, strides=2, padding="same", name="to_image")(x)
+    # float32 even under a mixed-precision policy: the loss and SSIM are computed on it.
+    outputs = layers.Conv2DTranspose(1, 4, strides=2, padding="same", dtype="float32", name="to_image")(x)
     return keras.Model(inputs, outputs, name="decoder")
 
 
@@ -252,8 +291,9 @@ class CodebookStatistics(keras.metrics.Metric):
 
     def update_state(self, indices, sample_weight=None):
         flat = tf.reshape(tf.cast(indices, tf.int32), (-1,))
-        self.counts.assign_add(tf.math.bincount(flat, minlength=self.num_embeddings,
-                                                maxlength=self.num_embeddings, dtype=tf.float32))
+        # A segment sum rather than tf.math.bincount, which XLA (--jit) cannot compile.
+        self.counts.assign_add(tf.math.unsorted_segment_sum(tf.ones_like(flat, tf.float32), flat,
+                                                            self.num_embeddings))
 
     def result(self):
         probabilities = self.counts / tf.maximum(tf.reduce_sum(self.counts), 1.0)
@@ -317,7 +357,7 @@ class VQVAE(keras.Model):
         self.encoder = get_encoder(self.latent_dim, self.filters, self.num_res_blocks)
         self.quantizer = VectorQuantizer(self.num_embeddings, self.latent_dim, self.beta, self.ema_decay,
                                          codebook_init=codebook_init, dead_code_steps=dead_code_steps,
-                                         name="vector_quantizer")
+                                         dtype="float32", name="vector_quantizer")  # distances in float32
         self.decoder = get_decoder(self.latent_dim, self.filters, self.num_res_blocks)
         # Encoder and decoder are functional models and take any (H, W); build the quantizer
         # too, so the model has all its weights before it first sees data (and can be saved).
@@ -359,9 +399,11 @@ class VQVAE(keras.Model):
                 self.ssim_tracker, self.psnr_tracker, self.codebook_tracker]
 
     def _step(self, images, training):
-        reconstructions, indices = self.reconstruct(images, training=training)
+        latents = self.encoder(images, training=training)
+        quantized, indices = self.quantizer(latents, training=training)
+        reconstructions = self.decoder(quantized, training=training)
         reconstruction_loss = tf.reduce_mean((images - reconstructions) ** 2)
-        vq_loss = tf.add_n(self.quantizer.losses)
+        vq_loss = self.quantizer.quantization_loss(latents, indices)
         return reconstructions, indices, reconstruction_loss, vq_loss
 
     def _update_metrics(self, images, reconstructions, indices, reconstruction_loss, vq_loss):
@@ -382,7 +424,11 @@ class VQVAE(keras.Model):
         with tf.GradientTape() as tape:
             reconstructions, indices, reconstruction_loss, vq_loss = self._step(images, training=True)
             loss = reconstruction_loss + vq_loss
-        gradients = tape.gradient(loss, self.trainable_variables)
+            # Under tf.distribute each replica's loss is the mean over its share of the batch and
+            # the gradients are summed over replicas; under mixed precision the optimizer is a
+            # LossScaleOptimizer, whose scale_loss keeps small float16 gradients from vanishing.
+            scaled_loss = self.optimizer.scale_loss(loss / tf.distribute.get_strategy().num_replicas_in_sync)
+        gradients = tape.gradient(scaled_loss, self.trainable_variables)
         self.optimizer.apply_gradients(zip(gradients, self.trainable_variables))
         return self._update_metrics(images, reconstructions, indices, reconstruction_loss, vq_loss)
 
