@@ -56,6 +56,12 @@ class Config:
     pcnn_batch_size: int = 32
     samples: int = 16
     temperature: float = 1.0
+    cache: str = None
+    strategy: str = "default"
+    jit: bool = False
+    mixed_precision: bool = False
+    deterministic: bool = True
+    resume: str = None
 
 
 class UsageError(ValueError):
@@ -98,6 +104,15 @@ HELP = {
     "pcnn_batch_size": "code grids per PixelCNN batch",
     "samples": "new slices sampled at the end of the run",
     "temperature": "sampling temperature (< 1: more typical samples, > 1: more varied)",
+    "cache": "folder for the decoded slices (TFRecord shards, 2 bytes per pixel), written on first use and reused "
+             "by any run of the same files at the same size (default: RUN/cache)",
+    "strategy": "tf.distribute strategy: 'default' (one device), 'mirrored' (all local GPUs) or 'multiworker' "
+                "(several machines, described by TF_CONFIG); --batch-size is the global batch",
+    "jit": "compile the training steps with XLA",
+    "mixed_precision": "train the VQ-VAE with float16 compute and float32 weights (for GPUs; slow on CPU)",
+    "deterministic": "repeatable runs for a given --seed (tf.config.experimental.enable_op_determinism); "
+                     "--no-deterministic may be faster on GPU",
+    "resume": "continue the killed run in this folder from its last completed epoch, with its config.json",
 }
 
 
@@ -112,6 +127,8 @@ def add_config_arguments(parser):
         kwargs = {"dest": field.name, "default": default, "help": help_text.replace("%", "%%")}
         if field.name in ("image_size", "filters"):
             kwargs.update(type=int, nargs="+")
+        elif field.type is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
         elif field.type in (int, float):
             kwargs["type"] = field.type
         parser.add_argument(*names, **kwargs)
@@ -182,6 +199,8 @@ def validate(config):
         (config.pcnn_batch_size >= 1, f"--pcnn-batch-size must be >= 1, got {config.pcnn_batch_size}"),
         (config.samples >= 0, f"--samples must be >= 0, got {config.samples}"),
         (config.temperature > 0, f"--temperature must be > 0, got {config.temperature}"),
+        (config.strategy in ("default", "mirrored", "multiworker"),
+         f"--strategy must be 'default', 'mirrored' or 'multiworker', got {config.strategy!r}"),
         (config.slice_axis in (-3, -2, -1, 0, 1, 2), f"--slice-axis must be one of 0, 1, 2 (or -1..-3), "
                                                       f"got {config.slice_axis}"),
     ]
@@ -190,7 +209,10 @@ def validate(config):
         check_image_size(config.image_size, 2 ** len(config.filters))
     if config.data is not None and not os.path.isdir(config.data):
         raise UsageError(f"--data {config.data}: no such folder")
-    if config.out and os.path.exists(os.path.join(config.out, "config.json")):
+    if config.resume is not None:
+        if not os.path.exists(os.path.join(config.resume, "config.json")):
+            raise UsageError(f"--resume {config.resume}: no config.json there (not a run folder)")
+    elif config.out and os.path.exists(os.path.join(config.out, "config.json")):
         raise UsageError(f"--out {config.out} already holds a run (config.json); choose another folder")
     import matplotlib
 
@@ -211,8 +233,9 @@ def check_image_size(image_size, downsampling):
 # The training pipeline
 
 
-def prepare_data(config):
-    """Find the data (writing the demo data if none was given) and build the three splits."""
+def prepare_data(config, cache_dir):
+    """Find the data (writing the demo data if none was given), decode each split once into
+    the cache in `cache_dir`, and build the three splits' datasets."""
     import data
 
     root = config.data
@@ -225,16 +248,37 @@ def prepare_data(config):
         image_size = [config.image_size[0], config.image_size[-1]]
     else:
         image_size = list(data.default_image_size(source, downsampling, config.slice_axis))
-    splits = {
-        split: data.split_dataset(source, split, image_size, config.batch_size, config.shift,
-                                  shuffle=(split == "train"), seed=config.seed,
-                                  slice_axis=config.slice_axis, volume_index=config.volume_index)
-        for split in data.SPLITS
-    }
+    check_image_size(image_size, downsampling)
     print(f"data: {root} ({source.layout} layout), files per split: "
           + ", ".join(f"{s} {len(f)}" for s, f in source.files.items())
-          + f"; slices resized to {image_size[0]}x{image_size[1]}", flush=True)
+          + f"; slices resized to {image_size[0]}x{image_size[1]}; cache: {cache_dir}", flush=True)
+    if source.ignored:
+        names = ", ".join(os.path.basename(path) for path in source.ignored[:5])
+        print(f"ignored {len(source.ignored)} file(s) that are not {'PNG' if source.is_png else 'NIfTI'} slices: "
+              f"{names}{', ...' if len(source.ignored) > 5 else ''}", flush=True)
+    manifests = {split: data.cache_split(source, split, image_size, cache_dir, config.slice_axis,
+                                         config.volume_index, verbose=True)
+                 for split in data.SPLITS}
+    report_skipped(manifests)
+    splits = {split: data.cached_dataset(manifest, config.batch_size, config.shift, shuffle=(split == "train"),
+                                         seed=config.seed)
+              for split, manifest in manifests.items()}
+    source.slices = {split: manifest["slices"] for split, manifest in manifests.items()}
+    print("slices per split: " + ", ".join(f"{s} {n}" for s, n in source.slices.items()), flush=True)
     return source, image_size, splits
+
+
+def report_skipped(manifests, shown=10):
+    """Print the files each split skipped, with the reason, and how many."""
+    for split, manifest in manifests.items():
+        skipped = manifest["skipped"]
+        if skipped:
+            print(f"skipped {len(skipped)} of {manifest['files']} files in the {split} split "
+                  f"(listed in {os.path.dirname(manifest['shards'][0])}/manifest.json):", flush=True)
+            for path, reason in skipped[:shown]:
+                print(f"  {path}: {reason}", flush=True)
+            if len(skipped) > shown:
+                print(f"  ... and {len(skipped) - shown} more", flush=True)
 
 
 def take_slices(dataset, count=16, spread_over=None):
@@ -249,38 +293,168 @@ def take_slices(dataset, count=16, spread_over=None):
     return np.stack(chosen)
 
 
-def train_vqvae(config, splits, run_dir, shown):
-    """Train the VQ-VAE; `shown` are the validation slices drawn in the progress grids."""
+def make_strategy(name):
+    """The tf.distribute strategy of --strategy. Created before any other TensorFlow work:
+    MultiWorkerMirroredStrategy must configure the collective ops at start-up."""
+    import tensorflow as tf
+
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if name == "multiworker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    return tf.distribute.get_strategy()
+
+
+def is_chief(strategy):
+    """Whether this process writes the run folder: always, except on the non-chief workers of
+    a multi-worker cluster (TF_CONFIG), which write to a scratch folder instead."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    task_type = getattr(resolver, "task_type", None)
+    if not task_type or task_type == "chief":
+        return True
+    has_chief = "chief" in resolver.cluster_spec().as_dict()
+    return task_type == "worker" and resolver.task_id == 0 and not has_chief
+
+
+def read_history(path):
+    """A CSVLogger file as {column: [float, ...]} (empty if there is none)."""
+    import csv
+
+    if not os.path.exists(path):
+        return {}
+    with open(path, newline="") as f:
+        rows = [row for row in csv.DictReader(f) if row.get("epoch", "").strip().isdigit()]
+    return {key: [float(row[key]) if row[key] not in ("", None) else float("nan") for row in rows]
+            for key in (rows[0].keys() if rows else [])}
+
+
+def resume_point(run_dir, name, history_file):
+    """How many epochs of stage `name` a killed run completed (from BackupAndRestore's
+    backup), with the history file cut back to those epochs; 0 and no history file for a
+    fresh start."""
+    import plots
+
+    metadata = os.path.join(run_dir, "backup", name, "training_metadata.json")
+    history_path = os.path.join(run_dir, history_file)
+    done = 0
+    if os.path.exists(metadata):
+        with open(metadata) as f:
+            done = int(json.load(f)["epoch"])
+    if not done:
+        if os.path.exists(history_path):
+            os.remove(history_path)
+        return 0
+    with open(history_path) as f:
+        lines = f.read().splitlines()
+    # An epoch logged after the last backup is trained again: drop its row (and any line a
+    # kill cut short).
+    kept = lines[:1] + [line for line in lines[1:] if line.split(",")[0].isdigit() and int(line.split(",")[0]) < done
+                        and len(line.split(",")) == len(lines[0].split(","))]
+
+    def write(path):
+        with open(path, "w") as f:
+            f.write("\n".join(kept) + "\n")
+
+    plots.atomic_write(history_path, write)
+    print(f"resuming {name} training after epoch {done} (backup in {os.path.dirname(metadata)})", flush=True)
+    return done
+
+
+def fit_resumably(model, dataset, run_dir, name, history_file, epochs, monitor, mode, callbacks,
+                  validation_data=None):
+    """`model.fit` with what lets a run survive a kill and a NaN loss:
+
+    * BackupAndRestore in RUN/backup/<name> (the last callback, so a backed-up epoch has
+      its checkpoint and history row written), which --resume picks up;
+    * ModelCheckpoint of the best `monitor` to RUN/<name>.keras, written atomically and
+      never beaten by a worse epoch after a resume (initial_value_threshold);
+    * CSVLogger, appending when resuming;
+    * TerminateOnNaN.
+
+    Returns the whole history (earlier processes' epochs too) and whether NaN stopped it."""
     import keras
+    import numpy as np
+
+    final = os.path.join(run_dir, f"{name}.keras")
+    partial = os.path.join(run_dir, f".{name}-partial.keras")
+    history_path = os.path.join(run_dir, history_file)
+    earlier = read_history(history_path)
+    best = None
+    if earlier.get(monitor):
+        values = np.asarray(earlier[monitor], dtype=float)
+        if np.isfinite(values).any():
+            best = float(np.nanmax(values) if mode == "max" else np.nanmin(values))
+
+    class Publish(keras.callbacks.Callback):
+        """Move a checkpoint ModelCheckpoint has just written over the real file in one step,
+        so a kill mid-save never leaves a half-written model."""
+
+        def on_epoch_end(self, epoch, logs=None):
+            if os.path.exists(partial):
+                os.replace(partial, final)
+
+    callbacks = list(callbacks) + [
+        keras.callbacks.ModelCheckpoint(partial, monitor=monitor, mode=mode, save_best_only=True,
+                                        initial_value_threshold=best),
+        Publish(),
+        keras.callbacks.CSVLogger(history_path, append=True),
+        keras.callbacks.TerminateOnNaN(),
+        keras.callbacks.BackupAndRestore(os.path.join(run_dir, "backup", name), double_checkpoint=True),
+    ]
+    fitted = model.fit(dataset, validation_data=validation_data, epochs=epochs, callbacks=callbacks, shuffle=False,
+                       verbose=1 if sys.stdout.isatty() else 2)  # the datasets shuffle themselves
+    losses = fitted.history.get("loss", [])
+    stopped_on_nan = bool(losses) and not np.isfinite(losses[-1])
+    history = read_history(history_path)
+    if stopped_on_nan:
+        scores = np.asarray(history.get(monitor, [np.nan]), dtype=float)
+        kept = "no epoch finished with a finite score"
+        if np.isfinite(scores).any():
+            best_epoch = int(np.nanargmax(scores) if mode == "max" else np.nanargmin(scores)) + 1
+            kept = f"keeping the best model ({name}.keras, epoch {best_epoch})"
+        print(f"\n{name}: the training loss became NaN in epoch {len(scores)}; training stopped, {kept}. "
+              f"A lower learning rate usually avoids this.", flush=True)
+    return history, stopped_on_nan
+
+
+def train_vqvae(config, splits, run_dir, shown, strategy):
+    """Train the VQ-VAE (resuming a killed run's backup, if there is one); `shown` are the
+    validation slices drawn in the progress grids."""
+    import keras
+    import numpy as np
 
     import plots
     import vqvae
 
-    model = vqvae.VQVAE(
-        num_embeddings=config.K, latent_dim=config.D, beta=config.beta, filters=config.filters,
-        num_res_blocks=config.res_blocks, ema_decay=config.ema_decay, codebook_init=config.codebook_init,
-        dead_code_steps=config.dead_code_steps, shift=config.shift,
-    )
-    model.compile(optimizer=keras.optimizers.Adam(config.learning_rate))
-    best_path = os.path.join(run_dir, "vqvae.keras")
+    resume_point(run_dir, "vqvae", "history.csv")
+    if config.mixed_precision:
+        keras.mixed_precision.set_global_policy("mixed_float16")
+    with strategy.scope():
+        model = vqvae.VQVAE(
+            num_embeddings=config.K, latent_dim=config.D, beta=config.beta, filters=config.filters,
+            num_res_blocks=config.res_blocks, ema_decay=config.ema_decay, codebook_init=config.codebook_init,
+            dead_code_steps=config.dead_code_steps, shift=config.shift,
+        )
+        model.compile(optimizer=keras.optimizers.Adam(config.learning_rate), jit_compile=config.jit)
+    keras.mixed_precision.set_global_policy("float32")
     callbacks = [
         vqvae.CosineLearningRate(config.learning_rate, config.epochs, config.max_minutes),
         vqvae.ValidationMetrics(splits["validate"]),
-        keras.callbacks.ModelCheckpoint(best_path, monitor="val_ssim", mode="max", save_best_only=True),
-        keras.callbacks.CSVLogger(os.path.join(run_dir, "history.csv")),
-        plots.TrainingPlots(run_dir),
-        plots.ReconstructionGrids(shown, run_dir, config.shift, config.grid_every, config.cmap),
-        keras.callbacks.TerminateOnNaN(),
         vqvae.TimeLimit(config.max_minutes),
+        plots.TrainingPlots(run_dir, read_history(os.path.join(run_dir, "history.csv"))),
+        plots.ReconstructionGrids(shown, run_dir, config.shift, config.grid_every, config.cmap),
     ]
     start = time.time()
-    history = model.fit(splits["train"], epochs=config.epochs, callbacks=callbacks, shuffle=False,
-                        verbose=1 if sys.stdout.isatty() else 2)  # the dataset shuffles itself
+    history, stopped_on_nan = fit_resumably(model, splits["train"], run_dir, "vqvae", "history.csv", config.epochs,
+                                            "val_ssim", "max", callbacks)
     seconds = time.time() - start
-    plots.atomic_write(os.path.join(run_dir, "vqvae_last.keras"), model.save)
-    if not os.path.exists(best_path):
-        raise RuntimeError("training produced no finite validation SSIM, so no best model was saved")
-    return keras.models.load_model(best_path), history.history, seconds
+    best_path = os.path.join(run_dir, "vqvae.keras")
+    if not stopped_on_nan:
+        plots.atomic_write(os.path.join(run_dir, "vqvae_last.keras"), model.save)
+    if not os.path.exists(best_path) or not np.isfinite(history.get("val_ssim", [np.nan])).any():
+        raise RuntimeError("training produced no finite validation SSIM, so no best model was saved"
+                           + (" (the loss became NaN: try a lower --learning-rate)" if stopped_on_nan else ""))
+    return keras.models.load_model(best_path), history, seconds
 
 
 def evaluate_vqvae(model, splits, run_dir, history, config, shown):
@@ -329,30 +503,35 @@ def code_dataset(grids, batch_size, shuffle=False, seed=0):
     return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
-def train_prior(config, model, splits, run_dir):
-    """Fit a PixelCNN to the code grids of the train split, validated on the validate split."""
+def train_prior(config, model, splits, run_dir, strategy):
+    """Fit a PixelCNN to the code grids of the train split, validated on the validate split
+    (resuming a killed run's backup, if there is one)."""
     import keras
     import numpy as np
 
     import pixelcnn
     import plots
 
-    print(f"\nencoding the splits into code grids for the {config.pcnn_variant} PixelCNN prior", flush=True)
-    codes = {split: encode_split(model, dataset) for split, dataset in splits.items()}
-    plots.atomic_write(os.path.join(run_dir, "codes.npz"), lambda path: np.savez_compressed(path, **codes))
+    codes_path = os.path.join(run_dir, "codes.npz")
+    if resume_point(run_dir, "pixelcnn", "pixelcnn_history.csv") and os.path.exists(codes_path):
+        codes = dict(np.load(codes_path))
+    else:
+        print(f"\nencoding the splits into code grids for the {config.pcnn_variant} PixelCNN prior", flush=True)
+        codes = {split: encode_split(model, dataset) for split, dataset in splits.items()}
+        plots.atomic_write(codes_path, lambda path: np.savez_compressed(path, **codes))
     as_dataset = lambda grids, shuffle: code_dataset(grids, config.pcnn_batch_size, shuffle, config.seed)  # noqa: E731
-    prior = pixelcnn.PixelCNN(config.K, config.pcnn_variant, filters=config.pcnn_filters,
-                              num_layers=config.pcnn_layers, num_res_blocks=config.pcnn_res_blocks)
-    prior.compile(optimizer=keras.optimizers.Adam(config.pcnn_learning_rate),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    path = os.path.join(run_dir, "pixelcnn.keras")
+    with strategy.scope():
+        prior = pixelcnn.PixelCNN(config.K, config.pcnn_variant, filters=config.pcnn_filters,
+                                  num_layers=config.pcnn_layers, num_res_blocks=config.pcnn_res_blocks)
+        prior.compile(optimizer=keras.optimizers.Adam(config.pcnn_learning_rate),
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=config.jit)
 
     class PriorProgress(keras.callbacks.Callback):
-        """Add bits per code to the logs, keep the history, print it and plot it."""
+        """Add bits per code to the logs, print them and plot the whole history."""
 
-        def __init__(self):
+        def __init__(self, history):
             super().__init__()
-            self.history = {}
+            self.history = history
 
         def on_epoch_end(self, epoch, logs=None):
             logs["bits_per_code"] = pixelcnn.bits_per_code(logs["loss"])
@@ -365,21 +544,21 @@ def train_prior(config, model, splits, run_dir):
                               keys=("bits_per_code", "val_bits_per_code"),
                               title=f"{config.pcnn_variant} PixelCNN: bits per code")
 
-    progress = PriorProgress()
     start = time.time()
-    prior.fit(as_dataset(codes["train"], True), validation_data=as_dataset(codes["validate"], False),
-              epochs=config.pcnn_epochs, verbose=1 if sys.stdout.isatty() else 2, shuffle=False,
-              callbacks=[progress,
-                         keras.callbacks.ModelCheckpoint(path, monitor="val_loss", save_best_only=True),
-                         keras.callbacks.CSVLogger(os.path.join(run_dir, "pixelcnn_history.csv")),
-                         keras.callbacks.TerminateOnNaN()])
+    history, _ = fit_resumably(prior, as_dataset(codes["train"], True), run_dir, "pixelcnn", "pixelcnn_history.csv",
+                               config.pcnn_epochs, "val_loss", "min",
+                               [PriorProgress(read_history(os.path.join(run_dir, "pixelcnn_history.csv")))],
+                               validation_data=as_dataset(codes["validate"], False))
     seconds = time.time() - start
+    path = os.path.join(run_dir, "pixelcnn.keras")
+    if not os.path.exists(path):
+        raise RuntimeError("the prior's validation loss was never finite, so no prior was saved")
     prior = keras.models.load_model(path)
     test_loss = prior.evaluate(as_dataset(codes["test"], False), verbose=0)
     return prior, {
         "prior_variant": config.pcnn_variant,
         "prior_parameters": int(prior.count_params()),
-        "prior_val_bits_per_code": float(np.min(progress.history["val_bits_per_code"])),
+        "prior_val_bits_per_code": float(np.nanmin(history["val_bits_per_code"])),
         "prior_test_bits_per_code": float(pixelcnn.bits_per_code(test_loss)),
         "log2_K": float(np.log2(config.K)),
         "prior_train_seconds": round(seconds, 1),
@@ -434,41 +613,77 @@ def write_samples(model, prior, grid_shape, n, out_dir, temperature=1.0, seed=0,
 
 
 def train(config):
+    """The whole run: data, VQ-VAE, its test scores, the prior and samples. With --resume,
+    the stages a killed run finished are loaded, and the one it was in continues from its
+    last completed epoch."""
     validate(config)
+    strategy = make_strategy(config.strategy)
     import keras
+    import tensorflow as tf
 
-    keras.utils.set_random_seed(config.seed)
     import plots
 
-    run_dir = config.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
-    os.makedirs(run_dir, exist_ok=True)
-    source, image_size, splits = prepare_data(config)
-    check_image_size(image_size, 2 ** len(config.filters))
-    saved = dataclasses.asdict(config)
-    saved.update(out=run_dir, image_size=image_size, data=source.root, layout=source.layout)
-    plots.write_json(os.path.join(run_dir, "config.json"), saved)
+    keras.utils.set_random_seed(config.seed)
+    if config.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    run_dir = config.resume or config.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+    if not is_chief(strategy):  # a non-chief worker: same work, outputs thrown away
+        import tempfile
 
-    shown = {split: take_slices(splits[split], spread_over=len(source.files[split]))
-             for split in ("validate", "test")}
-    model, history, seconds = train_vqvae(config, splits, run_dir, shown["validate"])
-    metrics = evaluate_vqvae(model, splits, run_dir, history, config, shown["test"])
-    metrics["vqvae_train_seconds"] = round(seconds, 1)
-    metrics["epochs_run"] = len(history["loss"])
-    plots.write_json(os.path.join(run_dir, "metrics.json"), metrics)
+        run_dir = tempfile.mkdtemp(prefix="worker-")
+    os.makedirs(run_dir, exist_ok=True)
+    source, image_size, splits = prepare_data(config, config.cache or os.path.join(run_dir, "cache"))
+    metrics_path = os.path.join(run_dir, "metrics.json")
+    metrics = {}
+    if config.resume:
+        print(f"resuming {run_dir} with its config.json", flush=True)
+        if os.path.exists(metrics_path):
+            with open(metrics_path) as f:
+                metrics = json.load(f)
+    else:
+        saved = dataclasses.asdict(config)
+        saved.update(out=run_dir, image_size=image_size, data=source.root, layout=source.layout)
+        plots.write_json(os.path.join(run_dir, "config.json"), saved)
+
+    shown = {split: take_slices(splits[split], spread_over=source.slices[split]) for split in ("validate", "test")}
+    if "test_ssim_mean" in metrics:
+        print("the VQ-VAE finished before the run stopped: loading vqvae.keras", flush=True)
+        model = load_run_model(run_dir, "vqvae.keras")
+    else:
+        model, history, seconds = train_vqvae(config, splits, run_dir, shown["validate"], strategy)
+        metrics = evaluate_vqvae(model, splits, run_dir, history, config, shown["test"])
+        metrics["vqvae_train_seconds"] = round(seconds, 1)
+        metrics["epochs_run"] = len(history["loss"])
+        plots.write_json(metrics_path, metrics)
     if config.pcnn_epochs:
-        prior, prior_metrics, codes = train_prior(config, model, splits, run_dir)
-        metrics.update(prior_metrics)
-        plots.write_json(os.path.join(run_dir, "metrics.json"), metrics)
+        if "prior_test_bits_per_code" in metrics:
+            print("the prior finished before the run stopped: loading pixelcnn.keras", flush=True)
+            prior = load_run_model(run_dir, "pixelcnn.keras")
+            grid_shape = [size // model.downsampling for size in image_size]
+        else:
+            prior, prior_metrics, codes = train_prior(config, model, splits, run_dir, strategy)
+            grid_shape = codes["test"].shape[1:]
+            metrics.update(prior_metrics)
+            plots.write_json(metrics_path, metrics)
         if config.samples:
             real = shown["test"] - config.shift
-            _, seconds = write_samples(model, prior, codes["test"].shape[1:], config.samples,
-                                       os.path.join(run_dir, "samples"), config.temperature, config.seed,
-                                       cmap=config.cmap, real=real)
+            _, seconds = write_samples(model, prior, grid_shape, config.samples, os.path.join(run_dir, "samples"),
+                                       config.temperature, config.seed, cmap=config.cmap, real=real)
             metrics["sampling_seconds"] = round(seconds, 1)
-            plots.write_json(os.path.join(run_dir, "metrics.json"), metrics)
+            plots.write_json(metrics_path, metrics)
     print(f"\nrun folder: {run_dir}\n" + "\n".join(f"  {k}: {v:.4f}" if isinstance(v, float) else f"  {k}: {v}"
                                                  for k, v in sorted(metrics.items())), flush=True)
     return run_dir, metrics
+
+
+def resumed_config(run_dir):
+    """The Config of a run folder to resume, from its config.json."""
+    if not os.path.exists(os.path.join(run_dir, "config.json")):
+        raise UsageError(f"--resume {run_dir}: no config.json there (not a run folder)")
+    saved = load_run_config(run_dir)
+    config = Config(**{key: value for key, value in saved.items() if key in Config.__annotations__})
+    config.resume = run_dir
+    return config
 
 
 # ---------------------------------------------------------------------------
@@ -651,7 +866,8 @@ def evaluate_command(args):
     config.data, config.batch_size = args.data or saved["data"], args.batch_size
     if not os.path.isdir(config.data):
         raise UsageError(f"--data {config.data}: no such folder")
-    _, _, splits = prepare_data(config)  # at the run's image size (config.json has it)
+    # At the run's image size (config.json has it), through the run's slice cache.
+    _, _, splits = prepare_data(config, config.cache or os.path.join(args.run, "cache"))
     if prior is None:
         print(f"{args.run} has no pixelcnn.keras: scoring the VQ-VAE only", flush=True)
     return evaluate.evaluate_run(args.run, model, splits, prior, args.samples, args.temperature, args.seed,
@@ -669,6 +885,11 @@ def main(argv=None):
         if command == "evaluate":
             return evaluate_command(build_evaluate_parser().parse_args(argv))
         config = Config(**vars(build_parser().parse_args(argv)))
+        if config.resume:
+            given = [arg for arg in argv if arg.startswith("-") and arg.split("=")[0] != "--resume"]
+            if given:
+                print(f"--resume: using the run's config.json; ignoring {' '.join(given)}", flush=True)
+            config = resumed_config(config.resume)
         return train(config)
     except UsageError as error:
         sys.exit(f"driver.py: error: {error}")

@@ -148,7 +148,7 @@ class PixelCNN(keras.Model):
     that run it on one row or one position from its caches."""
 
     def __init__(self, num_embeddings, variant="gated", filters=128, num_layers=8, num_res_blocks=2,
-                 kernel_size=3, first_kernel_size=7, **kwargs):
+                 kernel_size=3, first_kernel_size=7, head_units=None, **kwargs):
         super().__init__(**kwargs)
         if variant not in ("plain", "gated"):
             raise ValueError(f"variant must be 'plain' or 'gated', got {variant!r}")
@@ -163,6 +163,8 @@ class PixelCNN(keras.Model):
         self.num_res_blocks = int(num_res_blocks)
         self.kernel_size = int(kernel_size)
         self.first_kernel_size = int(first_kernel_size)
+        # Width of the 1x1 layer before the logits (default: `filters`).
+        self.head_units = int(head_units or filters)
 
         f = self.filters
         self.embedding = layers.Embedding(self.num_embeddings, f, name="embedding")
@@ -185,7 +187,7 @@ class PixelCNN(keras.Model):
                  layers.Dense(f, name=f"gated{i}_out"))
                 for i in range(self.num_layers)
             ]
-        self.head = layers.Dense(f, activation="relu", name="head")
+        self.head = layers.Dense(self.head_units, activation="relu", name="head")
         self.logits = layers.Dense(self.num_embeddings, name="logits")
         self(tf.zeros((1, 1, 1), tf.int32))  # create every weight now, so the model saves and loads as is
 
@@ -235,7 +237,8 @@ class PixelCNN(keras.Model):
         return {
             "num_embeddings": self.num_embeddings, "variant": self.variant, "filters": self.filters,
             "num_layers": self.num_layers, "num_res_blocks": self.num_res_blocks,
-            "kernel_size": self.kernel_size, "first_kernel_size": self.first_kernel_size, "name": self.name,
+            "kernel_size": self.kernel_size, "first_kernel_size": self.first_kernel_size,
+            "head_units": self.head_units, "name": self.name,
         }
 
 

@@ -186,10 +186,10 @@ def codebook_usage(counts, path, title):
 class TrainingPlots(keras.callbacks.Callback):
     """Rewrite the loss plot (log scale) and the SSIM plot after every epoch."""
 
-    def __init__(self, run_dir):
+    def __init__(self, run_dir, history=None):
         super().__init__()
         self.run_dir = run_dir
-        self.history = {}
+        self.history = {key: list(values) for key, values in (history or {}).items()}  # a resumed run's epochs
 
     def on_epoch_end(self, epoch, logs=None):
         for key, value in (logs or {}).items():

@@ -56,6 +56,9 @@ def main():
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--filters", type=int, default=32, help="gated prior channels")
     parser.add_argument("--layers", type=int, default=5, help="gated layers")
+    parser.add_argument("--head-units", type=int, help="width of the gated prior's layer before the logits "
+                                                       "(default: --filters)")
+    parser.add_argument("--only", choices=("gated", "plain"), help="train only this variant")
     parser.add_argument("--plain-layers", type=int, default=2, help="1x1 layers of the plain prior")
     parser.add_argument("--plain-res-blocks", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -67,15 +70,19 @@ def main():
     codes = dict(np.load(os.path.join(args.run, "codes.npz")))
     num_embeddings = json.load(open(os.path.join(args.run, "config.json")))["K"]
     keras.utils.set_random_seed(args.seed)
-    gated = pixelcnn.PixelCNN(num_embeddings, "gated", filters=args.filters, num_layers=args.layers)
+    make_gated = lambda: pixelcnn.PixelCNN(num_embeddings, "gated", filters=args.filters,  # noqa: E731
+                                           num_layers=args.layers, head_units=args.head_units)
+    gated = make_gated()
     plain_filters = matched_plain_filters(gated.count_params(), num_embeddings, args.plain_layers,
                                           args.plain_res_blocks)
     results = {}
     for name, make in (
-        ("gated", lambda: pixelcnn.PixelCNN(num_embeddings, "gated", filters=args.filters, num_layers=args.layers)),
+        ("gated", make_gated),
         ("plain", lambda: pixelcnn.PixelCNN(num_embeddings, "plain", filters=plain_filters,
                                             num_layers=args.plain_layers, num_res_blocks=args.plain_res_blocks)),
     ):
+        if args.only and name != args.only:
+            continue
         keras.utils.set_random_seed(args.seed)
         model = make()
         print(f"\n{name}: {model.count_params():,} parameters ({model.get_config()})", flush=True)

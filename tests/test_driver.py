@@ -8,6 +8,7 @@ import sys
 
 import keras
 import nibabel
+import numpy as np
 import pytest
 
 import driver
@@ -137,3 +138,24 @@ def test_train_on_nifti_volumes_with_image_size(hipmri_root, tmp_path):
     assert metrics["test_slices"] == 3
     assert not os.path.exists(os.path.join(run, "pixelcnn.keras"))
     assert "no pixelcnn.keras" in run_error(["sample", "--run", run])
+
+
+@pytest.mark.parametrize("flags", [["--jit"], ["--mixed-precision"]])
+def test_jit_and_mixed_precision_runs(oasis_root, tmp_path, flags):
+    run = str(tmp_path / "run")
+    _, metrics = driver.main(["--data", oasis_root, "--out", run, "--epochs", "2", "--grid-every", "0", *TINY, *flags])
+    assert 0 < metrics["test_ssim_mean"] <= 1 and metrics["prior_test_bits_per_code"] > 0
+    model = keras.models.load_model(os.path.join(run, "vqvae.keras"))
+    assert model.decode(np.zeros((1, 8, 8), np.int32)).dtype == "float32"
+    assert keras.mixed_precision.global_policy().name == "float32"  # the policy does not leak past the VQ-VAE
+
+
+def test_multiworker_strategy_runs_as_a_single_worker(oasis_root, tmp_path):
+    """Without TF_CONFIG, MultiWorkerMirroredStrategy is one worker: the run must work the same."""
+    run = str(tmp_path / "run")
+    env = {key: value for key, value in os.environ.items() if key != "TF_CONFIG"}
+    result = subprocess.run([sys.executable, "driver.py", "--data", oasis_root, "--out", run, "--epochs", "1",
+                             "--strategy", "multiworker", *TINY, "--pcnn-epochs", "0"],
+                            cwd=PROJECT, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.load(open(os.path.join(run, "metrics.json")))["test_slices"] == 8
