@@ -35,7 +35,7 @@ class Config:
     res_blocks: int = 2
     ema_decay: float = 0.99
     codebook_init: str = "kmeans"
-    dead_code_steps: int = 50
+    dead_code_steps: int = 10
     epochs: int = 15
     batch_size: int = 8
     learning_rate: float = 2e-3
@@ -427,16 +427,19 @@ def train_vqvae(config, splits, run_dir, shown, strategy):
     import vqvae
 
     resume_point(run_dir, "vqvae", "history.csv")
-    if config.mixed_precision:
-        keras.mixed_precision.set_global_policy("mixed_float16")
-    with strategy.scope():
-        model = vqvae.VQVAE(
-            num_embeddings=config.K, latent_dim=config.D, beta=config.beta, filters=config.filters,
-            num_res_blocks=config.res_blocks, ema_decay=config.ema_decay, codebook_init=config.codebook_init,
-            dead_code_steps=config.dead_code_steps, shift=config.shift,
-        )
-        model.compile(optimizer=keras.optimizers.Adam(config.learning_rate), jit_compile=config.jit)
-    keras.mixed_precision.set_global_policy("float32")
+    # Layers take the dtype policy in force when they are built: mixed precision for the
+    # VQ-VAE only (the prior and its sampler stay in float32).
+    keras.mixed_precision.set_global_policy("mixed_float16" if config.mixed_precision else "float32")
+    try:
+        with strategy.scope():
+            model = vqvae.VQVAE(
+                num_embeddings=config.K, latent_dim=config.D, beta=config.beta, filters=config.filters,
+                num_res_blocks=config.res_blocks, ema_decay=config.ema_decay, codebook_init=config.codebook_init,
+                dead_code_steps=config.dead_code_steps, shift=config.shift,
+            )
+            model.compile(optimizer=keras.optimizers.Adam(config.learning_rate), jit_compile=config.jit)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
     callbacks = [
         vqvae.CosineLearningRate(config.learning_rate, config.epochs, config.max_minutes),
         vqvae.ValidationMetrics(splits["validate"]),
@@ -721,11 +724,18 @@ def named_slices(files, config):
 
     import data
 
+    import tensorflow as tf
+
     for path in files:
-        if data.is_png(path):
-            slices = [data.decode_png(path).numpy()[..., 0]]
-        else:
-            slices = data.nifti_slices(path, config["slice_axis"], config["volume_index"])
+        try:
+            if data.is_png(path):
+                slices = [data.decode_png(path).numpy()[..., 0]]
+            else:
+                slices = data.nifti_slices(path, config["slice_axis"], config["volume_index"])
+        except (data.DataError, tf.errors.OpError) as error:
+            reason = data.error_reason(error) if isinstance(error, tf.errors.OpError) else str(error)
+            print(f"skipped {path}: {reason}", flush=True)
+            continue
         for index, image in enumerate(slices):
             name = os.path.basename(path) + (f"[{index}]" if len(slices) > 1 else "")
             yield name, data.fit_to_size(np.asarray(image)[..., None], config["image_size"]).numpy()

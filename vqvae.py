@@ -50,7 +50,7 @@ class VectorQuantizer(layers.Layer):
     loss. `call` returns the quantized tensor and the (..., ) int32 code indices."""
 
     def __init__(self, num_embeddings, embedding_dim, beta=0.25, ema_decay=0.99, epsilon=1e-5,
-                 codebook_init="kmeans", kmeans_iterations=10, dead_code_steps=50, **kwargs):
+                 codebook_init="kmeans", kmeans_iterations=10, dead_code_steps=10, **kwargs):
         super().__init__(**kwargs)
         if int(num_embeddings) < 2:
             raise ValueError(f"num_embeddings must be >= 2, got {num_embeddings}")
@@ -340,7 +340,7 @@ class VQVAE(keras.Model):
     used to score SSIM and PSNR on the original range."""
 
     def __init__(self, num_embeddings=128, latent_dim=64, beta=0.25, filters=(16, 32), num_res_blocks=2,
-                 ema_decay=0.99, codebook_init="kmeans", dead_code_steps=50, shift=-0.5, **kwargs):
+                 ema_decay=0.99, codebook_init="kmeans", dead_code_steps=10, shift=-0.5, **kwargs):
         super().__init__(**kwargs)
         if not filters or min(filters) < 1:
             raise ValueError(f"filters must be a non-empty list of positive widths, got {filters}")

@@ -9,6 +9,8 @@ Each run is a normal `driver.py` training run without a prior (its folder is kep
     loss-based  --ema-decay 0 --codebook-init uniform --dead-code-steps 0   (keras.io recipe)
     default     EMA updates, k-means initialisation, dead-code restarts      (driver defaults)
 
+(Before the default --dead-code-steps became 10 it was 50; `--also restart-50` adds that row.)
+
 The table gives codebook usage and perplexity over the whole test split, and test SSIM.
 """
 
@@ -27,6 +29,7 @@ QUANTIZERS = {
     "loss-based": dict(ema_decay=0.0, codebook_init="uniform", dead_code_steps=0),
     "default": {},
 }
+OPTIONAL = {"restart-50": dict(dead_code_steps=50)}
 
 
 def main():
@@ -37,15 +40,17 @@ def main():
     parser.add_argument("--epochs", type=int, default=30, help="epoch cap of each run (the budget usually stops it first)")
     parser.add_argument("--image-size", type=int, nargs="+", help="as for driver.py (default: from the data)")
     parser.add_argument("--out", default="runs/codebook", help="folder for the runs")
+    parser.add_argument("--also", nargs="*", default=[], choices=sorted(OPTIONAL), help="extra quantizer rows")
     parser.add_argument("--json", help="also write the table here")
     args = parser.parse_args()
 
     rows = []
     for k in args.K:
-        for name, overrides in QUANTIZERS.items():
+        for name, overrides in [*QUANTIZERS.items(), *((name, OPTIONAL[name]) for name in args.also)]:
             config = driver.Config(data=args.data, K=k, epochs=args.epochs, max_minutes=args.minutes,
                                    image_size=args.image_size, pcnn_epochs=0, grid_every=0,
-                                   out=os.path.join(args.out, f"K{k}-{name}"), **overrides)
+                                   out=os.path.join(args.out, f"K{k}-{name}"), cache=os.path.join(args.out, "cache"),
+                                   **overrides)
             print(f"\n=== K={k}, {name} quantizer: {json.dumps(overrides) if overrides else 'driver defaults'}",
                   flush=True)
             _, metrics = driver.train(config)

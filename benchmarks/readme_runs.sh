@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Re-run the real-data runs behind the README's numbers and figures, and copy the figures
-# into resources/. About 2 hours on 2 CPU cores. DATA defaults to ../shared/data.
+# into resources/. About 2.5 hours on 2 CPU cores. DATA defaults to ../shared/data.
 # The report screenshot needs a headless Chromium (Debian: apt-get install chromium).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,6 +14,9 @@ python benchmarks/sampling.py --run "$OUT-oasis" --json "$OUT-oasis/sampling_ben
 python benchmarks/prior_variants.py --run "$OUT-oasis" --epochs 4 --json "$OUT-oasis/prior_variants.json"
 python benchmarks/codebook.py --data "$DATA/oasis_like" --K 128 512 --minutes 6 --image-size 128 \
     --out "$OUT-codebook" --json "$OUT-codebook/codebook.json"
+python benchmarks/pipeline.py --data "$DATA/oasis_like" --json "$OUT-oasis/pipeline_benchmark.json"
+python benchmarks/pipeline.py --data "$DATA/hipmri_like" --json "$OUT-hipmri/pipeline_benchmark.json"
+python benchmarks/memory.py --slices 1000 10000 --size 128 --json "$OUT-oasis/memory_benchmark.json"
 
 mkdir -p resources
 for name in loss ssim reconstructions code_maps pixelcnn_loss; do

@@ -231,3 +231,46 @@ def test_real_nifti_written_by_nibabel_big_endian(tmp_path):
     source = data.find_source(str(folder))
     images = batches(data.split_dataset(source, "test", (36, 44), batch_size=8))
     assert images.shape == (25, 36, 44, 1) and np.isfinite(images).all()
+
+
+# ---------------------------------------------------------------------------
+# The slice cache
+
+
+def test_cache_is_reused_and_follows_file_changes(oasis_root, tmp_path):
+    source = data.find_source(oasis_root)
+    cache = str(tmp_path / "cache")
+    first = data.cache_split(source, "test", (32, 32), cache, verbose=False)
+    stamp = os.path.getmtime(first["shards"][0])
+    again = data.cache_split(source, "test", (32, 32), cache, verbose=False)
+    assert again == first and os.path.getmtime(again["shards"][0]) == stamp  # read back, not rewritten
+    assert data.cache_split(source, "test", (16, 16), cache, verbose=False)["shards"] != first["shards"]
+    changed = source.files["test"][0]
+    write_png(changed, np.zeros((32, 32)))
+    os.utime(changed, ns=(1, 1))
+    rewritten = data.cache_split(source, "test", (32, 32), cache, verbose=False)
+    assert rewritten["shards"] != first["shards"]
+    images = batches(data.cached_dataset(rewritten, 8))
+    assert np.all(images[0] == 0)  # the new content of the changed file
+
+
+def test_cache_spreads_a_split_over_shards_and_reshuffles_each_epoch(oasis_root, tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "SHARD_BYTES", 3 * 32 * 32 * 2)  # 3 slices per shard
+    source = data.find_source(oasis_root)
+    manifest = data.cache_split(source, "train", (32, 32), str(tmp_path / "cache"), verbose=False)
+    assert manifest["slices"] == 16 and len(manifest["shards"]) == 6
+    assert not [name for name in os.listdir(os.path.dirname(manifest["shards"][0])) if name.startswith(".")]
+    dataset = data.cached_dataset(manifest, 4, shuffle=True, seed=0)
+    assert dataset.cardinality() == 4  # known in advance, so progress bars have a total
+    epochs = [batches(dataset).sum(axis=(1, 2, 3)) for _ in range(2)]
+    in_order = batches(data.cached_dataset(manifest, 4)).sum(axis=(1, 2, 3))
+    assert sorted(epochs[0]) == pytest.approx(sorted(in_order)) and sorted(epochs[1]) == pytest.approx(sorted(in_order))
+    assert not np.allclose(epochs[0], epochs[1]) and not np.allclose(epochs[0], in_order)
+
+
+def test_nifti_cache_matches_direct_decoding(hipmri_root, tmp_path):
+    source = data.find_source(hipmri_root)
+    cached = batches(data.split_dataset(source, "train", (40, 32), 8, cache_dir=str(tmp_path / "cache")))
+    direct = np.stack([data.fit_to_size(data.nifti_slices(path)[0][..., None], (40, 32)).numpy()
+                       for path in source.files["train"]])
+    assert np.abs(cached - direct).max() < 1e-5

@@ -142,6 +142,10 @@ def test_run_on_data_with_bad_files_logs_them_and_trains(tmp_path, capsys):
     assert "ignored 1 file(s) that are not PNG slices: notes.txt" in log
     assert metrics["test_slices"] == 4
 
+    summary = driver.main(["reconstruct", "--run", run_dir, "--split", "train"])  # skips them too
+    log = capsys.readouterr().out
+    assert summary["slices"] == 8 and all(f"{name}: " in log for name in expected)
+
 
 # ---------------------------------------------------------------------------
 # Nonsense flags stop with one line naming the flag
