@@ -284,11 +284,17 @@ def evaluate_run(run_dir, model, splits, prior=None, samples=16, temperature=1.0
     if os.path.exists(metrics_path):
         with open(metrics_path) as f:
             merged = json.load(f)
+    if not figures.get("samples"):  # no samples this time: drop an earlier evaluation's sample scores
+        merged = {key: value for key, value in merged.items() if key not in SAMPLE_KEYS}
     merged.update(metrics)
     plots.write_json(metrics_path, merged)
     report = write_report(run_dir, merged, figures)
     print(f"wrote {metrics_path} and {report} in {metrics['evaluation_seconds']:.0f} s", flush=True)
     return merged, report
+
+
+SAMPLE_KEYS = ("samples", "sample_temperature", "samples_nn_ssim_mean", "samples_nn_ssim_max", "real_nn_ssim_mean",
+               "real_nn_ssim_max", "samples_pairwise_ssim", "real_pairwise_ssim", "code_histogram_js_bits")
 
 
 # ---------------------------------------------------------------------------

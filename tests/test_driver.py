@@ -125,6 +125,8 @@ def test_train_then_reconstruct(oasis_root, tmp_path):
     for name in ("ssim_histogram.png", "worst_reconstructions.png", "codebook_usage.png", "samples_nearest.png"):
         assert os.path.exists(os.path.join(run, "evaluation", name)), name
     assert "--samples must be >= 0" in run_error(["evaluate", "--run", run, "--samples", "-1"])
+    again, _ = driver.main(["evaluate", "--run", run, "--samples", "0", "--batch-size", "4"])
+    assert "samples_nn_ssim_mean" not in again and again["val_ssim_best"] == saved["val_ssim_best"]
 
     assert "already holds a run" in run_error(["--data", oasis_root, "--out", run])
     assert "no config.json" in run_error(["reconstruct", "--run", str(tmp_path)])

@@ -147,3 +147,16 @@ def test_masked_conv_stores_only_the_masks_bounding_box(mask_type, kernel_size, 
     full = layer.masked_kernel().numpy()
     assert full.shape == (kernel_size, kernel_size, 3, 4)
     assert np.all(full[layer.mask == 0] == 0)
+
+
+def test_head_units_widen_the_layer_before_the_logits(tmp_path):
+    model = pixelcnn.PixelCNN(6, "gated", filters=4, num_layers=2, head_units=16)
+    assert model.head.kernel.shape == (4, 16) and model.logits.kernel.shape == (16, 6)
+    assert pixelcnn.PixelCNN(6, "gated", filters=4, num_layers=2).head.kernel.shape == (4, 4)  # default: filters
+    path = str(tmp_path / "pixelcnn.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    assert loaded.get_config()["head_units"] == 16
+    sampler = pixelcnn.Sampler(loaded, 2, 3, 3)
+    codes = sampler.sample(seed=2)
+    np.testing.assert_allclose(sampler.used_logits().numpy(), loaded(codes).numpy(), atol=1e-4)
