@@ -53,6 +53,9 @@ PERCENTILES = (0.5, 99.5)
 SHUFFLE_BUFFER = 512  # slices
 SHARD_BYTES = 32 * 2**20  # target size of one cache shard
 CACHE_VERSION = 1
+# Per process, so several workers writing one shared cache never write the same file; each
+# then renames identical shards into place.
+PARTIAL_SHARD = f".partial-{os.getpid()}.tfrecord"
 
 
 class DataError(ValueError):
@@ -410,7 +413,7 @@ def cache_split(source, split, image_size, cache_dir, slice_axis=-1, volume_inde
         if count % per_shard == 0:
             if writer:
                 finish_shard(writer, folder, shards)
-            writer = (tf.io.TFRecordWriter(os.path.join(folder, ".partial.tfrecord")), len(shards))
+            writer = (tf.io.TFRecordWriter(os.path.join(folder, PARTIAL_SHARD)), len(shards))
         pixels = np.round(np.clip(image.numpy()[..., 0], 0.0, 1.0) * 65535).astype("<u2")
         writer[0].write(pixels.tobytes())
         count += 1
@@ -436,12 +439,12 @@ def finish_shard(writer, folder, shards):
     record_writer, index = writer
     record_writer.close()
     name = f"shard-{index:05d}.tfrecord"
-    os.replace(os.path.join(folder, ".partial.tfrecord"), os.path.join(folder, name))
+    os.replace(os.path.join(folder, PARTIAL_SHARD), os.path.join(folder, name))
     shards.append(name)
 
 
 def write_json_atomically(path, content):
-    temporary = path + ".partial"
+    temporary = f"{path}.partial-{os.getpid()}"
     with open(temporary, "w") as f:
         json.dump(content, f, indent=2)
     os.replace(temporary, path)
