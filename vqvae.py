@@ -137,12 +137,13 @@ class VectorQuantizer(layers.Layer):
             loss += tf.reduce_mean((tf.stop_gradient(inputs) - quantized) ** 2)
         return loss
 
-    def _assignment_stats(self, flat, indices):
-        """How many vectors went to each code and their sum, over all replicas."""
+    def _assignment_stats(self, flat, indices, across_replicas=True):
+        """How many vectors went to each code and their sum, over all replicas (or only this
+        one's, where replicas cannot communicate)."""
         counts = tf.math.unsorted_segment_sum(tf.ones_like(flat[:, 0]), indices, self.num_embeddings)
         sums = tf.math.unsorted_segment_sum(flat, indices, self.num_embeddings)
         context = tf.distribute.get_replica_context()
-        if context is not None and context.num_replicas_in_sync > 1:
+        if across_replicas and context is not None and context.num_replicas_in_sync > 1:
             counts, sums = context.all_reduce(tf.distribute.ReduceOp.SUM, [counts, sums])
         return counts, sums
 
@@ -179,9 +180,7 @@ class VectorQuantizer(layers.Layer):
         centers = self._random_rows(flat, self.num_embeddings)
         counts = tf.zeros((self.num_embeddings,))
         for _ in range(self.kmeans_iterations):
-            indices = self.nearest_codes(flat, centers)
-            counts = tf.math.unsorted_segment_sum(tf.ones_like(flat[:, 0]), indices, self.num_embeddings)
-            sums = tf.math.unsorted_segment_sum(flat, indices, self.num_embeddings)
+            counts, sums = self._assignment_stats(flat, self.nearest_codes(flat, centers), across_replicas=False)
             centers = tf.where(counts[:, None] > 0, sums / tf.maximum(counts[:, None], 1.0), centers)
         return centers, counts
 
