@@ -48,11 +48,12 @@ class Config:
     cmap: str = "gray"
     demo_dir: str = "demo_data"
     pcnn_epochs: int = 5
-    pcnn_learning_rate: float = 1e-3
+    pcnn_learning_rate: float = 3e-3
     pcnn_variant: str = "gated"
-    pcnn_filters: int = 32
-    pcnn_layers: int = 5
+    pcnn_filters: int = 35
+    pcnn_layers: int = 3
     pcnn_res_blocks: int = 2
+    pcnn_head_units: int = 140
     pcnn_batch_size: int = 32
     samples: int = 16
     temperature: float = 1.0
@@ -96,11 +97,13 @@ HELP = {
     "cmap": "matplotlib colormap for image grids",
     "demo_dir": "where the demo data is written when --data is not given",
     "pcnn_epochs": "PixelCNN prior training epochs (0 = train no prior)",
-    "pcnn_learning_rate": "PixelCNN Adam learning rate",
+    "pcnn_learning_rate": "PixelCNN Adam learning rate at the start; it decays along a half cosine to 5% of this "
+                          "over --pcnn-epochs",
     "pcnn_variant": "'gated' (vertical and horizontal stacks, no blind spot) or 'plain' (keras.io example)",
     "pcnn_filters": "PixelCNN channels",
     "pcnn_layers": "gated layers ('gated'), or 1x1 mask-B layers after the residual blocks ('plain')",
     "pcnn_res_blocks": "residual blocks with 3x3 mask-B convolutions ('plain' only)",
+    "pcnn_head_units": "width of the PixelCNN's 1x1 layer before the logits (0 = --pcnn-filters)",
     "pcnn_batch_size": "code grids per PixelCNN batch",
     "samples": "new slices sampled at the end of the run",
     "temperature": "sampling temperature (< 1: more typical samples, > 1: more varied)",
@@ -196,6 +199,8 @@ def validate(config):
         (config.pcnn_layers >= (1 if config.pcnn_variant == "gated" else 0),
          f"--pcnn-layers must be >= 1 for the gated prior, >= 0 for the plain one, got {config.pcnn_layers}"),
         (config.pcnn_res_blocks >= 0, f"--pcnn-res-blocks must be >= 0, got {config.pcnn_res_blocks}"),
+        (config.pcnn_head_units >= 0, f"--pcnn-head-units must be >= 0 (0 = --pcnn-filters), "
+                                      f"got {config.pcnn_head_units}"),
         (config.pcnn_batch_size >= 1, f"--pcnn-batch-size must be >= 1, got {config.pcnn_batch_size}"),
         (config.samples >= 0, f"--samples must be >= 0, got {config.samples}"),
         (config.temperature > 0, f"--temperature must be > 0, got {config.temperature}"),
@@ -514,6 +519,7 @@ def train_prior(config, model, splits, run_dir, strategy):
 
     import pixelcnn
     import plots
+    import vqvae
 
     codes_path = os.path.join(run_dir, "codes.npz")
     if resume_point(run_dir, "pixelcnn", "pixelcnn_history.csv") and os.path.exists(codes_path):
@@ -525,7 +531,8 @@ def train_prior(config, model, splits, run_dir, strategy):
     as_dataset = lambda grids, shuffle: code_dataset(grids, config.pcnn_batch_size, shuffle, config.seed)  # noqa: E731
     with strategy.scope():
         prior = pixelcnn.PixelCNN(config.K, config.pcnn_variant, filters=config.pcnn_filters,
-                                  num_layers=config.pcnn_layers, num_res_blocks=config.pcnn_res_blocks)
+                                  num_layers=config.pcnn_layers, num_res_blocks=config.pcnn_res_blocks,
+                                  head_units=config.pcnn_head_units or None)
         prior.compile(optimizer=keras.optimizers.Adam(config.pcnn_learning_rate),
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=config.jit)
 
@@ -550,7 +557,8 @@ def train_prior(config, model, splits, run_dir, strategy):
     start = time.time()
     history, _ = fit_resumably(prior, as_dataset(codes["train"], True), run_dir, "pixelcnn", "pixelcnn_history.csv",
                                config.pcnn_epochs, "val_loss", "min",
-                               [PriorProgress(read_history(os.path.join(run_dir, "pixelcnn_history.csv")))],
+                               [vqvae.CosineLearningRate(config.pcnn_learning_rate, config.pcnn_epochs),
+                                PriorProgress(read_history(os.path.join(run_dir, "pixelcnn_history.csv")))],
                                validation_data=as_dataset(codes["validate"], False))
     seconds = time.time() - start
     path = os.path.join(run_dir, "pixelcnn.keras")

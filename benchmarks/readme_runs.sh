@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
 # Re-run the real-data runs behind the README's numbers and figures, and copy the figures
-# into resources/. About 2.5 hours on 2 CPU cores. DATA defaults to ../shared/data.
+# into resources/. About 4 hours on 2 CPU cores. DATA defaults to ../shared/data.
 # The report screenshot needs a headless Chromium (Debian: apt-get install chromium).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-../shared/data}
 OUT=${OUT:-runs/readme}
 
-python driver.py --data "$DATA/oasis_like" --epochs 12 --max-minutes 18 --pcnn-epochs 3 --out "$OUT-oasis"
+python driver.py --data "$DATA/oasis_like" --epochs 12 --max-minutes 18 --pcnn-epochs 12 --out "$OUT-oasis"
 python driver.py --data "$DATA/hipmri_like" --epochs 12 --max-minutes 18 --pcnn-epochs 0 --out "$OUT-hipmri"
 python driver.py evaluate --run "$OUT-oasis" --samples 16
 python benchmarks/sampling.py --run "$OUT-oasis" --json "$OUT-oasis/sampling_benchmark.json"
-python benchmarks/prior_variants.py --run "$OUT-oasis" --epochs 4 --json "$OUT-oasis/prior_variants.json"
+python benchmarks/prior_variants.py --run "$OUT-oasis" --epochs 12 --json "$OUT-oasis/prior_variants.json"
 python benchmarks/codebook.py --data "$DATA/oasis_like" --K 128 512 --minutes 6 --image-size 128 \
     --out "$OUT-codebook" --json "$OUT-codebook/codebook.json"
 python benchmarks/pipeline.py --data "$DATA/oasis_like" --json "$OUT-oasis/pipeline_benchmark.json"

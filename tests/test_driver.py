@@ -52,6 +52,7 @@ def test_help_lists_every_flag_with_its_default():
     (["--cmap", "nonsense"], "--cmap 'nonsense' is not a matplotlib colormap"),
     (["--pcnn-variant", "fancy"], "--pcnn-variant must be 'plain' or 'gated', got 'fancy'"),
     (["--pcnn-epochs", "-1"], "--pcnn-epochs must be >= 0, got -1"),
+    (["--pcnn-head-units", "-2"], "--pcnn-head-units must be >= 0 (0 = --pcnn-filters), got -2"),
     (["--temperature", "0"], "--temperature must be > 0, got 0.0"),
     (["sample", "--run", "/nowhere", "--n", "0"], "--n must be >= 1, got 0"),
 ])
@@ -66,7 +67,8 @@ def test_folder_with_no_images(tmp_path):
 
 def test_train_then_reconstruct(oasis_root, tmp_path):
     run = str(tmp_path / "run")
-    run_dir, metrics = driver.main(["--data", oasis_root, "--out", run, "--epochs", "2", *TINY])
+    run_dir, metrics = driver.main(["--data", oasis_root, "--out", run, "--epochs", "2", *TINY,
+                                    "--pcnn-head-units", "12"])
     assert run_dir == run
     for name in ("vqvae.keras", "vqvae_last.keras", "config.json", "metrics.json", "history.csv", "loss.png",
                  "ssim.png", "reconstructions.png", "reconstructions_latest.png", "code_maps.png"):
@@ -98,6 +100,11 @@ def test_train_then_reconstruct(oasis_root, tmp_path):
     for name in ("pixelcnn.keras", "pixelcnn_history.csv", "pixelcnn_loss.png", "samples/samples.png",
                  "samples/sample_002.png", "samples/sample_002.nii.gz"):
         assert os.path.exists(os.path.join(run, name)), name
+    assert keras.models.load_model(os.path.join(run, "pixelcnn.keras")).head_units == 12
+    with open(os.path.join(run, "pixelcnn_history.csv")) as f:
+        rates = [float(row["learning_rate"]) for row in csv.DictReader(f)]
+    # The prior's learning rate decays along a half cosine over --pcnn-epochs.
+    assert rates[0] == pytest.approx(config["pcnn_learning_rate"]) and rates[1] < rates[0]
 
     # A fresh process loads both saved models with plain keras.models.load_model and samples.
     out = str(tmp_path / "fresh_samples")
