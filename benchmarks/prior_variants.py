@@ -60,8 +60,8 @@ def main():
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--filters", type=int, default=35, help="gated prior channels")
     parser.add_argument("--layers", type=int, default=3, help="gated layers")
-    parser.add_argument("--head-units", type=int, default=140, help="width of the gated prior's layer before the logits "
-                                                       "(0: --filters)")
+    parser.add_argument("--head-units", type=int, default=140,
+                        help="width of the gated prior's layer before the logits (0: --filters)")
     parser.add_argument("--only", choices=("gated", "plain"), help="train only this variant")
     parser.add_argument("--plain-layers", type=int, default=2, help="1x1 layers of the plain prior")
     parser.add_argument("--plain-res-blocks", type=int, default=4)
