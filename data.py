@@ -37,6 +37,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import pathlib
 import re
 import tempfile
 
@@ -56,6 +57,8 @@ CACHE_VERSION = 1
 # Per process, so several workers writing one shared cache never write the same file; each
 # then renames identical shards into place.
 PARTIAL_SHARD = f".partial-{os.getpid()}.tfrecord"
+UMASK = os.umask(0o022)  # read the process umask (the only way is to set it), then put it back
+os.umask(UMASK)
 
 
 class DataError(ValueError):
@@ -429,7 +432,7 @@ def cache_split(source, split, image_size, cache_dir, slice_axis=-1, volume_inde
                         f"({len(skipped)} of {len(source.files[split])} files skipped{': ' + reasons if reasons else ''})")
     manifest = {"split": split, "slices": count, "image_size": [height, width], "shards": shards,
                 "files": len(source.files[split]), "skipped": [list(item) for item in sorted(skipped)]}
-    write_json_atomically(manifest_path, manifest)
+    write_json(manifest_path, manifest)
     manifest["shards"] = [os.path.join(folder, name) for name in shards]
     return manifest
 
@@ -443,11 +446,29 @@ def finish_shard(writer, folder, shards):
     shards.append(name)
 
 
-def write_json_atomically(path, content):
-    temporary = f"{path}.partial-{os.getpid()}"
-    with open(temporary, "w") as f:
-        json.dump(content, f, indent=2)
-    os.replace(temporary, path)
+def atomic_write(path, write):
+    """Call `write(temporary_path)`, then move the result to `path` in one step."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    suffix = "".join(pathlib.Path(path).suffixes)  # writers such as nibabel go by the suffix
+    handle, temporary = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=suffix)
+    os.close(handle)
+    try:
+        write(temporary)
+        os.chmod(temporary, 0o666 & ~UMASK)  # mkstemp makes owner-only files; give the usual mode
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+def write_json(path, data):
+    def write(temporary):
+        with open(temporary, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+            f.write("\n")
+
+    atomic_write(path, write)
 
 
 def keras_progbar(total, verbose, name):

@@ -5,10 +5,7 @@ Every figure is written atomically (to a temporary file, then renamed), so a per
 watching a run, or a run killed mid-write, never sees a half-written image.
 """
 
-import json
 import os
-import pathlib
-import tempfile
 
 import matplotlib
 import matplotlib.ticker
@@ -18,34 +15,9 @@ import keras  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-
-UMASK = os.umask(0o022)
-os.umask(UMASK)
-
-
-def atomic_write(path, write):
-    """Call `write(temporary_path)`, then move the result to `path` in one step."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    suffix = "".join(pathlib.Path(path).suffixes)  # writers such as nibabel go by the suffix
-    handle, temporary = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=suffix)
-    os.close(handle)
-    try:
-        write(temporary)
-        os.chmod(temporary, 0o666 & ~UMASK)  # mkstemp makes owner-only files; give the usual mode
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-
-
-def write_json(path, data):
-    def write(temporary):
-        with open(temporary, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
-            f.write("\n")
-
-    atomic_write(path, write)
+# Atomic writes live in data.py (which writes the slice cache and must not need
+# matplotlib); figures use them too, and the rest of the project calls them from here.
+from data import UMASK, atomic_write, write_json  # noqa: E402, F401
 
 
 def save_figure(figure, path):

@@ -67,9 +67,9 @@ def main():
         print(f"{row['K']:>5}  {row['quantizer']:<11} {row['epochs_run']:>6} {used:>14} {row['perplexity']:>10.1f} "
               f"{row['test_ssim_mean']:>9.3f} {row['test_ssim_min']:>8.3f} {row['test_psnr_mean']:>6.2f}")
     if args.json:
-        import plots
+        import data
 
-        plots.write_json(args.json, rows)
+        data.write_json(args.json, rows)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ The issue's target: peak RSS at 10k slices within 10% of that at 1k.
 """
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -68,8 +67,9 @@ def main():
         ratio = result["peak_rss_mib"] / results[0]["peak_rss_mib"]
         print(f"{result['slices']:>8d} {result['peak_rss_mib']:>15.0f} {ratio:>8.1%} {result['seconds']:>8.0f}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+        import data
+
+        data.write_json(args.json, results)
 
 
 if __name__ == "__main__":

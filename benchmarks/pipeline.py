@@ -12,7 +12,6 @@ The issue's target: the cached pipeline delivers at least 5x what training consu
 """
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -97,8 +96,7 @@ def main():
     print(f"{'VQ-VAE training with --jit (XLA)':40s} {results['training_images_per_second_jit']:10.1f} images/s")
     print(f"cached pipeline / training: {results['pipeline_over_training']:.0f}x")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+        data.write_json(args.json, results)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
+import data  # noqa: E402
 import driver  # noqa: E402
 import pixelcnn  # noqa: E402
 import vqvae  # noqa: E402
@@ -106,8 +107,7 @@ def main():
         print(f"{name:8s} {result['parameters']:>10,d} {result['best_val_bits_per_code']:>19.3f} "
               f"{result['test_bits_per_code']:>15.3f} {result['seconds']:>8.0f}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+        data.write_json(args.json, results)
 
 
 if __name__ == "__main__":

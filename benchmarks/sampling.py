@@ -12,7 +12,6 @@ with the same seeds, so they must draw the same codes from the same logits.
 """
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -23,6 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
+import data  # noqa: E402
 import pixelcnn  # noqa: E402
 import vqvae  # noqa: E402, F401  (registers the saved classes)
 
@@ -89,9 +89,8 @@ def main():
               f"max |logit diff| vs full pass {exact:.1e}, vs naive {agreement:.1e}, same codes {same_codes}",
               flush=True)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"model": model.get_config(), "parameters": model.count_params(), "results": results}, f,
-                      indent=2)
+        data.write_json(args.json, {"model": model.get_config(), "parameters": model.count_params(),
+                                    "results": results})
 
 
 if __name__ == "__main__":
