@@ -22,9 +22,8 @@ zeros. `shift` is then added, so [0, 1] becomes [shift, 1 + shift].
 Every slice is resized to fit `image_size` with its aspect ratio kept and zero padding
 (`tf.image.resize_with_pad`), so files of different shapes batch together.
 
-Each split is decoded once, on its first use, into a cache of TFRecord shards
-(`cache_split`); every epoch then reads the shards (`cached_dataset`), so NIfTI files are
-not decoded in Python again and memory stays flat however many slices there are.
+`decoded_slices` gives every slice of a split once; `cache.py` stores them as TFRecord
+shards and every epoch reads those back, so files are decoded only once.
 
 Bad input: a file that cannot be used (truncated or corrupt, not an image, unreadable, all
 NaN, a zero-size axis) is skipped, and named with its reason in the log and the cache's
@@ -34,12 +33,8 @@ with a `DataError` before training starts.
 """
 
 import dataclasses
-import hashlib
-import json
 import os
-import pathlib
 import re
-import tempfile
 
 import numpy as np
 import tensorflow as tf
@@ -51,14 +46,6 @@ PNG_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
 PERCENTILES = (0.5, 99.5)
-SHUFFLE_BUFFER = 512  # slices
-SHARD_BYTES = 32 * 2**20  # target size of one cache shard
-CACHE_VERSION = 1
-# Per process, so several workers writing one shared cache never write the same file; each
-# then renames identical shards into place.
-PARTIAL_SHARD = f".partial-{os.getpid()}.tfrecord"
-UMASK = os.umask(0o022)  # read the process umask (the only way is to set it), then put it back
-os.umask(UMASK)
 
 
 class DataError(ValueError):
@@ -173,6 +160,15 @@ def find_source(root, seed=0):
     return SliceSource(root, layout, split_by_case(files, seed), ignored=other_files(root, files))
 
 
+def split_folder(root, split):
+    """The folder holding a split's files: its split folder in the OASIS or HipMRI layout,
+    or `root` itself (a flat folder)."""
+    for dirs in (OASIS_DIRS, HIPMRI_DIRS):
+        if os.path.isdir(os.path.join(root, dirs[split])):
+            return os.path.join(root, dirs[split])
+    return root
+
+
 def other_files(folder, used):
     """The files in `folder` that are not in `used` (notes, masks of another format, ...);
     they are ignored, and listed in the log so nothing is dropped unseen."""
@@ -231,6 +227,11 @@ def nifti_slices(path, slice_axis=-1, volume_index=0):
 
 def nifti_shape(path, slice_axis=-1):
     """The 2D shape of the slices in a NIfTI file, read from its header alone."""
+    return nifti_header_slices(path, slice_axis)[1]
+
+
+def nifti_header_slices(path, slice_axis=-1):
+    """How many 2D slices a NIfTI file holds and their shape, read from its header alone."""
     import nibabel
 
     shape = list(nibabel.load(path).shape)
@@ -238,9 +239,8 @@ def nifti_shape(path, slice_axis=-1):
         shape = shape[:3]
     if len(shape) == 3 and shape[2] == 1:
         shape = shape[:2]
-    if len(shape) == 3:
-        del shape[slice_axis]
-    return tuple(shape)
+    count = shape.pop(slice_axis) if len(shape) == 3 else 1
+    return count, tuple(shape)
 
 
 def decode_png(path):
@@ -375,233 +375,33 @@ def decoded_slices(source, split, image_size, slice_axis=-1, volume_index=0):
     return dataset, skipped
 
 
-# ---------------------------------------------------------------------------
-# The slice cache: each split decoded once into TFRecord shards
+def progress_bar(total, unit_name, verbose=True):
+    """A keras Progbar that redraws in a terminal and, in a log file, prints one line at the end."""
+    import sys
 
-
-def cache_key(source, split, image_size, slice_axis, volume_index):
-    """A digest of everything a split's cached slices depend on: the files (path, size and
-    modification time), the target size, the NIfTI slicing settings and the format."""
-    digest = hashlib.sha1(json.dumps([CACHE_VERSION, source.layout, list(image_size), slice_axis, volume_index]).encode())
-    for path in source.files[split]:
-        try:
-            stat = os.stat(path)
-            digest.update(f"{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
-        except OSError:
-            digest.update(f"{os.path.abspath(path)}|missing\n".encode())
-    return digest.hexdigest()[:16]
-
-
-def cache_split(source, split, image_size, cache_dir, slice_axis=-1, volume_index=0, verbose=True):
-    """Decode every slice of a split once and store it in `cache_dir` as TFRecord shards of
-    uint16 pixels (exact for 8-bit PNGs, within 1e-5 for NIfTI). Returns the manifest:
-    shard paths, slice count and skipped files. A cache already written for the same files
-    and settings is reused; shards and manifest are written atomically, so a killed run
-    leaves no cache that looks complete."""
-    folder = os.path.join(cache_dir, f"{split}-{cache_key(source, split, image_size, slice_axis, volume_index)}")
-    manifest_path = os.path.join(folder, "manifest.json")
-    if os.path.exists(manifest_path):
-        with open(manifest_path) as f:
-            manifest = json.load(f)
-        manifest["shards"] = [os.path.join(folder, name) for name in manifest["shards"]]
-        return manifest
-
-    os.makedirs(folder, exist_ok=True)
-    dataset, skipped = decoded_slices(source, split, image_size, slice_axis, volume_index)
-    height, width = image_size
-    per_shard = max(1, SHARD_BYTES // (2 * height * width))
-    shards, count, writer = [], 0, None
-    progress = keras_progbar(len(source.files[split]) if source.is_png else None, verbose, f"caching {split}")
-    for image in dataset:
-        if count % per_shard == 0:
-            if writer:
-                finish_shard(writer, folder, shards)
-            writer = (tf.io.TFRecordWriter(os.path.join(folder, PARTIAL_SHARD)), len(shards))
-        pixels = np.round(np.clip(image.numpy()[..., 0], 0.0, 1.0) * 65535).astype("<u2")
-        writer[0].write(pixels.tobytes())
-        count += 1
-        if progress and count % 64 == 0:
-            progress.update(count)
-    if writer:
-        finish_shard(writer, folder, shards)
-    if progress:
-        progress.update(count, finalize=True)
-    if not count:
-        reasons = "; ".join(f"{os.path.basename(p)}: {r}" for p, r in skipped[:3])
-        raise DataError(f"--data {source.root}: no usable slices in the {split} split "
-                        f"({len(skipped)} of {len(source.files[split])} files skipped{': ' + reasons if reasons else ''})")
-    manifest = {"split": split, "slices": count, "image_size": [height, width], "shards": shards,
-                "files": len(source.files[split]), "skipped": [list(item) for item in sorted(skipped)]}
-    write_json(manifest_path, manifest)
-    manifest["shards"] = [os.path.join(folder, name) for name in shards]
-    return manifest
-
-
-def finish_shard(writer, folder, shards):
-    """Close the shard being written and give it its final name."""
-    record_writer, index = writer
-    record_writer.close()
-    name = f"shard-{index:05d}.tfrecord"
-    os.replace(os.path.join(folder, PARTIAL_SHARD), os.path.join(folder, name))
-    shards.append(name)
-
-
-def atomic_write(path, write):
-    """Call `write(temporary_path)`, then move the result to `path` in one step."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    suffix = "".join(pathlib.Path(path).suffixes)  # writers such as nibabel go by the suffix
-    handle, temporary = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=suffix)
-    os.close(handle)
-    try:
-        write(temporary)
-        os.chmod(temporary, 0o666 & ~UMASK)  # mkstemp makes owner-only files; give the usual mode
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-
-
-def write_json(path, data):
-    def write(temporary):
-        with open(temporary, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
-            f.write("\n")
-
-    atomic_write(path, write)
-
-
-def keras_progbar(total, verbose, name):
-    if not verbose:
-        return None
     import keras
 
-    print(f"{name}: decoding each slice once into the cache", flush=True)
-    return keras.utils.Progbar(total, unit_name="slice")
-
-
-def cached_dataset(manifest, batch_size, shift=0.0, shuffle=False, seed=0):
-    """Batched (B, H, W, 1) float32 slices read back from a split's cache.
-
-    Shuffling reads the shards in a new random order each epoch, interleaved, through a
-    shuffle buffer of raw records, so memory stays flat however many slices there are."""
-    height, width = manifest["image_size"]
-    shards = tf.data.Dataset.from_tensor_slices(manifest["shards"])
-    if shuffle:
-        shards = shards.shuffle(len(manifest["shards"]), seed=seed, reshuffle_each_iteration=True)
-    records = shards.interleave(tf.data.TFRecordDataset, cycle_length=min(8, len(manifest["shards"])),
-                                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    records = records.apply(tf.data.experimental.assert_cardinality(manifest["slices"]))
-    if shuffle:
-        records = records.shuffle(SHUFFLE_BUFFER, seed=seed, reshuffle_each_iteration=True)
-
-    def parse(record):
-        pixels = tf.reshape(tf.io.decode_raw(record, tf.uint16, little_endian=True), (height, width, 1))
-        return tf.cast(pixels, tf.float32) / 65535.0 + shift
-
-    dataset = records.map(parse, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size)
-    options = tf.data.Options()
-    # Under MultiWorkerMirroredStrategy, shard by element: there may be fewer files than workers.
-    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-    return dataset.with_options(options).prefetch(tf.data.AUTOTUNE)
-
-
-def split_dataset(source, split, image_size, batch_size, shift=0.0, shuffle=False, seed=0,
-                  slice_axis=-1, volume_index=0, cache_dir=None, verbose=False):
-    """Batched, prefetched float32 (B, H, W, 1) slices of one split, in [shift, 1 + shift],
-    decoded once into the cache in `cache_dir` (a temporary folder if None)."""
-    manifest = cache_split(source, split, image_size, cache_dir or temporary_cache_dir(), slice_axis,
-                           volume_index, verbose)
-    return cached_dataset(manifest, batch_size, shift, shuffle, seed)
-
-
-_TEMPORARY_CACHE = []
-
-
-def temporary_cache_dir():
-    """One temporary cache folder per process, removed when the process exits."""
-    if not _TEMPORARY_CACHE:
-        _TEMPORARY_CACHE.append(tempfile.TemporaryDirectory(prefix="mri-slice-cache-"))
-    return _TEMPORARY_CACHE[0].name
+    return keras.utils.Progbar(total, unit_name=unit_name, verbose=(1 if sys.stdout.isatty() else 2) if verbose else 0)
 
 
 # ---------------------------------------------------------------------------
-# The built-in demo dataset
+# Reading single files, as `reconstruct` does
 
 
-def _blur(image, passes=2):
-    """A cheap separable [1, 2, 1] blur, so tissue boundaries are soft as in a real scan."""
-    for _ in range(passes):
-        image = np.pad(image, 1, mode="edge")
-        image = (image[:-2] + 2 * image[1:-1] + image[2:]) / 4
-        image = (image[:, :-2] + 2 * image[:, 1:-1] + image[:, 2:]) / 4
-    return image
-
-
-def synthetic_brain_slice(size, rng):
-    """One synthetic axial T1-like brain slice in [0, 1].
-
-    Scalp and skull, a CSF rim, folded grey matter over white matter, two lateral
-    ventricles and a midline fissure; shape, contrast, bias field and noise vary per call."""
-    y, x = np.mgrid[-1 : 1 : size * 1j, -1 : 1 : size * 1j]
-    angle = rng.uniform(-0.15, 0.15)
-    xr = x * np.cos(angle) + y * np.sin(angle) - rng.uniform(-0.05, 0.05)
-    yr = -x * np.sin(angle) + y * np.cos(angle) - rng.uniform(-0.05, 0.05)
-    a, b = rng.uniform(0.66, 0.80), rng.uniform(0.80, 0.92)
-    r = np.sqrt((xr / a) ** 2 + (yr / b) ** 2)
-    theta = np.arctan2(yr, xr)
-
-    contrast = {
-        "scalp": rng.uniform(0.55, 0.75),
-        "skull": rng.uniform(0.05, 0.15),
-        "csf": rng.uniform(0.08, 0.2),
-        "grey": rng.uniform(0.4, 0.5),
-        "white": rng.uniform(0.68, 0.82),
-    }
-    image = np.zeros_like(x)
-    image[r < 1.0] = contrast["scalp"]
-    image[r < 0.94] = contrast["skull"]
-    image[r < 0.88] = contrast["csf"]
-    folds = rng.integers(9, 16)
-    cortex = 0.84 + 0.025 * np.sin(folds * theta + rng.uniform(0, 2 * np.pi))
-    image[r < cortex] = contrast["grey"]
-    white = 0.66 + 0.06 * np.sin(folds * theta + rng.uniform(0, 2 * np.pi)) * rng.uniform(0.6, 1.2)
-    image[r < white] = contrast["white"]
-
-    fissure = (np.abs(xr) < 0.012 * size / 64) & (yr < -0.25 * b) & (r < 0.88)
-    image[fissure] = contrast["csf"]
-    spread, length, width = rng.uniform(0.07, 0.14), rng.uniform(0.18, 0.32), rng.uniform(0.05, 0.1)
-    for side in (-1, 1):
-        vx = (xr - side * spread) / width
-        vy = (yr + rng.uniform(-0.05, 0.05)) / length
-        image[vx**2 + vy**2 < 1] = contrast["csf"]
-
-    bias = 1 + 0.1 * (rng.uniform(-1, 1) * x + rng.uniform(-1, 1) * y)
-    image = _blur(image) * bias
-    image = image + rng.normal(0, rng.uniform(0.003, 0.01), image.shape) * (r < 1.02)
-    return np.clip(image, 0, 1).astype(np.float32)
-
-
-def write_demo_dataset(root, size=128, counts=(320, 64, 64), slices_per_case=16, seed=0):
-    """Write the demo dataset in the OASIS layout (PNG) and return `root`.
-
-    Deterministic for a given size, counts and seed; a folder already written with the same
-    settings is reused."""
-    stamp = os.path.join(root, "demo.json")
-    settings = f'{{"size": {size}, "counts": {list(counts)}, "seed": {seed}}}'
-    if os.path.exists(stamp) and open(stamp).read() == settings:
-        return root
-    rng = np.random.default_rng(seed)
-    case = 0
-    for split, count in zip(SPLITS, counts):
-        folder = os.path.join(root, OASIS_DIRS[split])
-        os.makedirs(folder, exist_ok=True)
-        for index in range(count):
-            if index % slices_per_case == 0:
-                case += 1
-            image = synthetic_brain_slice(size, rng)
-            png = tf.io.encode_png(np.round(image * 255).astype(np.uint8)[..., None])
-            tf.io.write_file(os.path.join(folder, f"case_{case:03d}_slice_{index % slices_per_case}.nii.png"), png)
-    with open(stamp, "w") as f:
-        f.write(settings)
-    return root
+def named_slices(files, image_size, slice_axis=-1, volume_index=0):
+    """(name, (H, W, 1) [0, 1] slice) for every slice of the files, resized to `image_size`;
+    a file that cannot be read is skipped with its reason printed. Volumes give one name
+    per slice: `file.nii.gz[K]`."""
+    for path in files:
+        try:
+            if is_png(path):
+                slices = [decode_png(path).numpy()[..., 0]]
+            else:
+                slices = nifti_slices(path, slice_axis, volume_index)
+        except (DataError, tf.errors.OpError) as error:
+            reason = error_reason(error) if isinstance(error, tf.errors.OpError) else str(error)
+            print(f"skipped {path}: {reason}", flush=True)
+            continue
+        for index, image in enumerate(slices):
+            name = os.path.basename(path) + (f"[{index}]" if len(slices) > 1 else "")
+            yield name, fit_to_size(np.asarray(image)[..., None], image_size).numpy()

@@ -1,8 +1,10 @@
-"""Evaluate a trained run like a paper, on the whole test split, and write an HTML report.
+"""Scoring: how good a trained run is, measured like a paper on the whole test split.
 
     python driver.py evaluate --run RUN_DIR [--data DIR] [--samples 16]
 
 (`evaluate_run` takes loaded models and datasets; `driver.py` does the loading.)
+`score_batch` / `score_split` are the one way the project scores reconstructions: training's
+final test scores, `evaluate`, `reconstruct` and the benchmarks all call them.
 
 1. Reconstruction: SSIM per slice (mean, std, min, histogram), PSNR and MS-SSIM, and the
    worst reconstructions. `tf.image.ssim_multiscale` needs the coarsest of its 5 scales to
@@ -17,16 +19,13 @@
    * mean pairwise SSIM among samples, next to the same among real slices (diversity);
    * the Jensen-Shannon divergence (bits) between the code histograms of the samples and
      of the real test slices.
-5. `metrics.json` (merged into the run's) and `report.html`, one self-contained page with
-   every figure embedded, which opens offline.
+5. `metrics.json` (merged into the run's) and `report.html` (`report.py`), one
+   self-contained page with every figure embedded, which opens offline.
 
-This is its own module because none of the model files should know about reports, and
-the metrics here serve every model the run holds.
+This is its own module because none of the model files should know about files or
+reports, and the metrics here serve every model the run holds.
 """
 
-import base64
-import html
-import json
 import math
 import os
 import time
@@ -155,13 +154,16 @@ def code_counts(indices, num_embeddings):
 
 
 def codebook_statistics(counts):
-    """Codes used, dead codes and perplexity (exp of the entropy of code use) from counts."""
-    counts = np.asarray(counts, np.float64)
-    p = counts / max(counts.sum(), 1.0)
-    entropy = -np.sum(p[p > 0] * np.log(p[p > 0]))
+    """Codes used, dead codes, usage and perplexity (exp of the entropy of code use) from
+    counts, through `vqvae.CodebookStatistics`, the metric training tracks."""
+    import vqvae
+
+    metric = vqvae.CodebookStatistics(len(counts))
+    metric.counts.assign(np.asarray(counts, np.float32))
+    result = {name: float(value) for name, value in metric.result().items()}
     used = int(np.count_nonzero(counts))
-    return {"codes_used": used, "dead_codes": int(counts.size - used), "codebook_usage": used / counts.size,
-            "perplexity": float(np.exp(entropy))}
+    return {"codes_used": used, "dead_codes": int(len(counts) - used), "codebook_usage": result["codebook_usage"],
+            "perplexity": result["perplexity"]}
 
 
 def js_divergence(counts_p, counts_q):
@@ -179,28 +181,54 @@ def js_divergence(counts_p, counts_q):
 
 
 # ---------------------------------------------------------------------------
-# Scoring a run
+# Scoring a model: the one way training, `evaluate`, `reconstruct` and the benchmarks do it
 
 
-def score_reconstructions(model, dataset, ms_settings, worst=5):
-    """Per-slice SSIM, PSNR and MS-SSIM over a split, its (N, h, w) code grids, and the
-    `worst` slices by SSIM with their reconstructions (all images in [0, 1])."""
+def score_batch(model, images, ms_settings=None):
+    """Per-slice SSIM, PSNR (and MS-SSIM with `ms_settings`) of a batch of (B, H, W, 1)
+    slices in [shift, 1 + shift], their code grids, and the originals and reconstructions
+    in [0, 1]."""
     import vqvae
 
-    ssims, psnrs, ms_ssims, grids = [], [], [], []
-    kept = []  # (ssim, original, reconstruction), at most `worst`
+    reconstructions, indices = model.reconstruct(images)
+    scores = {"ssim": vqvae.image_ssim(images, reconstructions, model.shift).numpy(),
+              "psnr": vqvae.image_psnr(images, reconstructions, model.shift).numpy(),
+              "codes": indices.numpy(),
+              "originals": np.asarray(images) - model.shift,
+              "reconstructions": np.clip(reconstructions.numpy() - model.shift, 0.0, 1.0)}
+    if ms_settings:
+        scores["ms_ssim"] = ms_ssim(scores["originals"], scores["reconstructions"], ms_settings).numpy()
+    return scores
+
+
+def score_split(model, dataset, ms_settings=None, worst=0):
+    """Score every slice of a batched split: per-slice `ssim`, `psnr` (and `ms_ssim`), the
+    (N, h, w) `codes`, the `codebook` statistics over them, and the `worst` slices by SSIM
+    as (ssim, original, reconstruction)."""
+    columns, kept = {}, []
     for images in dataset:
-        reconstructions, indices = model.reconstruct(images)
-        originals = images - model.shift
-        clipped = tf.clip_by_value(reconstructions - model.shift, 0.0, 1.0)
-        batch_ssim = vqvae.image_ssim(images, reconstructions, model.shift).numpy()
-        ssims.append(batch_ssim)
-        psnrs.append(vqvae.image_psnr(images, reconstructions, model.shift).numpy())
-        ms_ssims.append(ms_ssim(originals, clipped, ms_settings).numpy())
-        grids.append(indices.numpy())
-        kept += [(s, o, r) for s, o, r in zip(batch_ssim, originals.numpy(), clipped.numpy())]
+        scores = score_batch(model, images, ms_settings)
+        for key in ("ssim", "psnr", "ms_ssim", "codes"):
+            if key in scores:
+                columns.setdefault(key, []).append(scores[key])
+        kept += list(zip(scores["ssim"], scores["originals"], scores["reconstructions"]))
         kept = sorted(kept, key=lambda item: item[0])[:worst]
-    return np.concatenate(ssims), np.concatenate(psnrs), np.concatenate(ms_ssims), np.concatenate(grids), kept
+    scores = {key: np.concatenate(values) for key, values in columns.items()}
+    scores["codebook"] = codebook_statistics(code_counts(scores["codes"], model.num_embeddings))
+    scores["worst"] = kept
+    return scores
+
+
+def prior_bits_per_code(prior, grids, batch_size=32):
+    """The prior's mean cross-entropy over every code of (N, h, w) grids, in bits."""
+    import keras
+
+    import pixelcnn
+
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    total = sum(float(loss(batch, prior(batch))) * len(batch)
+                for batch in np.array_split(grids, max(1, -(-len(grids) // batch_size))))
+    return float(pixelcnn.bits_per_code(total / len(grids)))
 
 
 def split_images(dataset, shift):
@@ -208,192 +236,151 @@ def split_images(dataset, shift):
     return np.concatenate([images.numpy()[..., 0] - shift for images in dataset])
 
 
+def reconstruct_files(model, paths, run_config, out, grids=4, batch_size=16):
+    """Reconstruct every slice of the files at `paths` (PNG or NIfTI, read as the run reads
+    its data) in batches: per-slice SSIM and PSNR in OUT/reconstruction.csv, a summary in
+    OUT/summary.json and up to `grids` image grids."""
+    import data
+    import files
+    import plots
+
+    progress, seen = data.progress_bar(len(paths), "file"), set()
+    named_slices = data.named_slices(paths, run_config["image_size"], run_config["slice_axis"],
+                                     run_config["volume_index"])
+    cmap = run_config.get("cmap", "gray")
+    os.makedirs(out, exist_ok=True)
+    rows, written = [], 0
+
+    def flush(batch):
+        nonlocal written
+        names, images = zip(*batch)
+        scores = score_batch(model, np.stack(images) + model.shift)
+        rows.extend(zip(names, scores["ssim"], scores["psnr"]))
+        if written < grids:
+            plots.reconstruction_grid(scores["originals"], scores["reconstructions"],
+                                      os.path.join(out, f"grid_{written:02d}.png"), ssims=scores["ssim"], cmap=cmap)
+            written += 1
+
+    batch = []
+    for name, image in named_slices:
+        batch.append((name, image))
+        if len(batch) == batch_size:
+            flush(batch)
+            batch = []
+        seen.add(name.split("[")[0])
+        progress.update(len(seen))
+    if batch:
+        flush(batch)
+    if len(seen) < len(paths):  # files skipped at the end: the bar still closes
+        progress.update(len(paths), finalize=True)
+    if not rows:
+        raise data.DataError(f"none of the {len(paths)} files could be read (each is named above with its reason)")
+    files.write_csv(os.path.join(out, "reconstruction.csv"), ["slice", "ssim", "psnr"],
+                   [(name, f"{s:.5f}", f"{p:.3f}") for name, s, p in rows])
+    ssims = np.array([row[1] for row in rows])
+    summary = {"slices": len(rows), "ssim_mean": float(ssims.mean()), "ssim_min": float(ssims.min()),
+               "ssim_std": float(ssims.std()), "grids": written}
+    files.write_json(os.path.join(out, "summary.json"), summary)
+    return summary
+
+
+# ---------------------------------------------------------------------------
+# Evaluating a run
+
+
 def evaluate_run(run_dir, model, splits, prior=None, samples=16, temperature=1.0, seed=0, cmap="gray",
                  data_name=""):
     """Score a trained VQ-VAE (and its prior, if given) on `splits["test"]`, merge the
     metrics into RUN/metrics.json and write RUN/report.html. Figures go to RUN/evaluation/."""
-    import keras
-
-    import pixelcnn
-    import plots
+    import files
+    import report
 
     out = os.path.join(run_dir, "evaluation")
     os.makedirs(out, exist_ok=True)
-    image_size = next(iter(splits["test"])).shape[1:3]
-    metrics, figures = {"evaluated_data": data_name}, {}
+    for folder in (run_dir, out):  # what an earlier, killed evaluation left half-written
+        files.remove_stale_temporaries(folder)
     start = time.time()
+    metrics, figures, test_grids = reconstruction_report(model, splits["test"], out, cmap)
+    metrics["evaluated_data"] = data_name
+    if prior is not None:
+        print("prior: bits per code on the test split's codes", flush=True)
+        metrics["prior_test_bits_per_code"] = prior_bits_per_code(prior, test_grids)
+        metrics["log2_K"] = float(np.log2(model.num_embeddings))
+        if samples:
+            sample_metrics, figures["samples"] = sample_report(model, prior, splits, test_grids, samples, temperature,
+                                                               seed, out, cmap)
+            metrics.update(sample_metrics)
+    metrics["evaluation_seconds"] = round(time.time() - start, 1)
+
+    metrics_path = os.path.join(run_dir, "metrics.json")
+    merged = files.read_json(metrics_path) if os.path.exists(metrics_path) else {}
+    if not figures.get("samples"):  # no samples this time: drop an earlier evaluation's sample scores
+        merged = {key: value for key, value in merged.items() if key not in SAMPLE_KEYS}
+    merged.update(metrics)
+    files.write_json(metrics_path, merged)
+    page = report.write_report(run_dir, merged, figures)
+    print(f"wrote {metrics_path} and {page} in {metrics['evaluation_seconds']:.0f} s", flush=True)
+    return merged, page
+
+
+def reconstruction_report(model, dataset, out, cmap="gray"):
+    """Reconstruction and codebook metrics over a whole split, their figures in `out`, and
+    the split's code grids."""
+    import plots
+
     print("scoring reconstructions of the whole test split", flush=True)
-    ms_settings = ms_ssim_settings(*image_size)
-    ssims, psnrs, ms_ssims, test_grids, worst = score_reconstructions(model, splits["test"], ms_settings)
-    counts = code_counts(test_grids, model.num_embeddings)
-    metrics.update({
+    ms_settings = ms_ssim_settings(*next(iter(dataset)).shape[1:3])
+    scores = score_split(model, dataset, ms_settings, worst=5)
+    ssims, psnrs, ms_ssims, worst, codebook = (scores[key] for key in ("ssim", "psnr", "ms_ssim", "worst", "codebook"))
+    metrics = {
         "test_slices": int(ssims.size), "test_ssim_mean": float(ssims.mean()), "test_ssim_std": float(ssims.std()),
         "test_ssim_min": float(ssims.min()), "test_psnr_mean": float(psnrs[np.isfinite(psnrs)].mean()),
         "test_ms_ssim_mean": float(ms_ssims.mean()), "test_ms_ssim_min": float(ms_ssims.min()),
-        "ms_ssim_settings": ms_settings,
-    })
-    test_codes = codebook_statistics(counts)
-    metrics.update({f"test_{key}": value for key, value in test_codes.items()})
-    figures["ssim_histogram"] = plots.histogram(
+        "ms_ssim_settings": ms_settings, **{f"test_{key}": value for key, value in codebook.items()},
+    }
+    figures = {"ssim_histogram": plots.histogram(
         ssims, os.path.join(out, "ssim_histogram.png"), "SSIM per test slice",
-        f"test SSIM: mean {ssims.mean():.3f}, min {ssims.min():.3f} over {ssims.size} slices")
+        f"test SSIM: mean {ssims.mean():.3f}, min {ssims.min():.3f} over {ssims.size} slices")}
     figures["worst"] = os.path.join(out, "worst_reconstructions.png")
     plots.image_grid([[o for _, o, _ in worst], [r for _, _, r in worst]], figures["worst"],
                      ["original", "reconstruction"], cmap=cmap,
                      title="the worst test reconstructions, SSIM " + ", ".join(f"{s:.3f}" for s, _, _ in worst))
+    counts = code_counts(scores["codes"], model.num_embeddings)
     figures["codebook"] = plots.codebook_usage(
         counts, os.path.join(out, "codebook_usage.png"),
-        f"test split: {test_codes['codes_used']} of {counts.size} codes used, perplexity {test_codes['perplexity']:.1f}")
+        f"test split: {codebook['codes_used']} of {counts.size} codes used, perplexity {codebook['perplexity']:.1f}")
+    return metrics, figures, scores["codes"]
 
-    if prior is not None:
-        print("prior: bits per code on the test split's codes", flush=True)
-        loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-        losses = [float(loss(grids, prior(grids))) * len(grids)
-                  for grids in np.array_split(test_grids, max(1, len(test_grids) // 32))]
-        metrics["prior_test_bits_per_code"] = float(pixelcnn.bits_per_code(sum(losses) / len(test_grids)))
-        metrics["log2_K"] = float(np.log2(model.num_embeddings))
 
-    if prior is not None and samples:
-        height, width = test_grids.shape[1:]
-        print(f"sampling {samples} slices and comparing them with real ones", flush=True)
-        sampler = pixelcnn.Sampler(prior, samples, height, width)
-        sample_codes = sampler.sample(temperature, seed).numpy()
-        generated = np.clip(model.decode(sample_codes).numpy()[..., 0] - model.shift, 0, 1)
-        test = split_images(splits["test"], model.shift)
-        real = test[np.linspace(0, len(test) - 1, min(samples, len(test))).astype(int)]
-        train_batches = (images.numpy() - model.shift for images in splits["train"].rebatch(256))
-        nearest, _, nearest_images = nearest_neighbours(np.concatenate([generated, real]), train_batches)
-        sample_nn, real_nn = nearest[: len(generated)], nearest[len(generated):]
-        metrics.update({
-            "samples": int(samples), "sample_temperature": float(temperature),
-            "samples_nn_ssim_mean": float(sample_nn.mean()), "samples_nn_ssim_max": float(sample_nn.max()),
-            "real_nn_ssim_mean": float(real_nn.mean()), "real_nn_ssim_max": float(real_nn.max()),
-            "samples_pairwise_ssim": mean_pairwise_ssim(generated), "real_pairwise_ssim": mean_pairwise_ssim(real),
-            "code_histogram_js_bits": js_divergence(code_counts(sample_codes, model.num_embeddings), counts),
-        })
-        figures["samples"] = os.path.join(out, "samples_nearest.png")
-        order = np.argsort(-sample_nn)[:8]
-        plots.image_grid([generated[order], nearest_images[order]], figures["samples"],
-                         ["sample", "nearest train"], cmap=cmap,
-                         title="samples over their nearest training slices, SSIM "
-                               + ", ".join(f"{s:.2f}" for s in sample_nn[order]))
-    metrics["evaluation_seconds"] = round(time.time() - start, 1)
+def sample_report(model, prior, splits, test_grids, samples, temperature, seed, out, cmap="gray"):
+    """Sample slices and score them against real test slices (nearest training slice,
+    diversity, code histogram); returns the metrics and the path of their figure."""
+    import pixelcnn
+    import plots
 
-    metrics_path = os.path.join(run_dir, "metrics.json")
-    merged = {}
-    if os.path.exists(metrics_path):
-        with open(metrics_path) as f:
-            merged = json.load(f)
-    if not figures.get("samples"):  # no samples this time: drop an earlier evaluation's sample scores
-        merged = {key: value for key, value in merged.items() if key not in SAMPLE_KEYS}
-    merged.update(metrics)
-    plots.write_json(metrics_path, merged)
-    report = write_report(run_dir, merged, figures)
-    print(f"wrote {metrics_path} and {report} in {metrics['evaluation_seconds']:.0f} s", flush=True)
-    return merged, report
+    print(f"sampling {samples} slices and comparing them with real ones", flush=True)
+    sample_codes = pixelcnn.Sampler(prior, samples, *test_grids.shape[1:]).sample(temperature, seed).numpy()
+    generated = np.clip(model.decode(sample_codes).numpy()[..., 0] - model.shift, 0, 1)
+    test = split_images(splits["test"], model.shift)
+    real = test[np.linspace(0, len(test) - 1, min(samples, len(test))).astype(int)]
+    train_batches = (images.numpy() - model.shift for images in splits["train"].rebatch(256))
+    nearest, _, nearest_images = nearest_neighbours(np.concatenate([generated, real]), train_batches)
+    sample_nn, real_nn = nearest[: len(generated)], nearest[len(generated):]
+    metrics = {
+        "samples": int(samples), "sample_temperature": float(temperature),
+        "samples_nn_ssim_mean": float(sample_nn.mean()), "samples_nn_ssim_max": float(sample_nn.max()),
+        "real_nn_ssim_mean": float(real_nn.mean()), "real_nn_ssim_max": float(real_nn.max()),
+        "samples_pairwise_ssim": mean_pairwise_ssim(generated), "real_pairwise_ssim": mean_pairwise_ssim(real),
+        "code_histogram_js_bits": js_divergence(code_counts(sample_codes, model.num_embeddings),
+                                                code_counts(test_grids, model.num_embeddings)),
+    }
+    figure = os.path.join(out, "samples_nearest.png")
+    order = np.argsort(-sample_nn)[:8]
+    plots.image_grid([generated[order], nearest_images[order]], figure, ["sample", "nearest train"], cmap=cmap,
+                     title="samples over their nearest training slices, SSIM "
+                           + ", ".join(f"{s:.2f}" for s in sample_nn[order]))
+    return metrics, figure
 
 
 SAMPLE_KEYS = ("samples", "sample_temperature", "samples_nn_ssim_mean", "samples_nn_ssim_max", "real_nn_ssim_mean",
                "real_nn_ssim_max", "samples_pairwise_ssim", "real_pairwise_ssim", "code_histogram_js_bits")
-
-
-# ---------------------------------------------------------------------------
-# The report
-
-
-METRIC_ROWS = [
-    ("Reconstruction (test split)", [
-        ("test_slices", "slices", "{:d}"), ("test_ssim_mean", "SSIM mean", "{:.4f}"),
-        ("test_ssim_std", "SSIM std", "{:.4f}"), ("test_ssim_min", "SSIM min", "{:.4f}"),
-        ("test_psnr_mean", "PSNR mean (dB)", "{:.2f}"), ("test_ms_ssim_mean", "MS-SSIM mean", "{:.4f}"),
-        ("test_ms_ssim_min", "MS-SSIM min", "{:.4f}"), ("ms_ssim_settings", "MS-SSIM settings", "ms_ssim"),
-    ]),
-    ("Codebook (test split)", [
-        ("test_codes_used", "codes used", "{:d}"), ("test_dead_codes", "dead codes", "{:d}"),
-        ("test_codebook_usage", "usage", "{:.1%}"), ("test_perplexity", "perplexity", "{:.1f}"),
-    ]),
-    ("Prior", [
-        ("prior_variant", "variant", "{}"), ("prior_parameters", "parameters", "{:,}"),
-        ("prior_test_bits_per_code", "test bits per code", "{:.3f}"), ("log2_K", "log2 K", "{:.2f}"),
-    ]),
-    ("Samples against real slices", [
-        ("samples", "samples", "{:d}"), ("sample_temperature", "temperature", "{:g}"),
-        ("samples_nn_ssim_mean", "nearest-train SSIM of samples (mean)", "{:.4f}"),
-        ("real_nn_ssim_mean", "nearest-train SSIM of real test slices (mean)", "{:.4f}"),
-        ("samples_nn_ssim_max", "nearest-train SSIM of samples (max)", "{:.4f}"),
-        ("real_nn_ssim_max", "nearest-train SSIM of real test slices (max)", "{:.4f}"),
-        ("samples_pairwise_ssim", "pairwise SSIM among samples", "{:.4f}"),
-        ("real_pairwise_ssim", "pairwise SSIM among real slices", "{:.4f}"),
-        ("code_histogram_js_bits", "code histogram JS divergence (bits)", "{:.4f}"),
-    ]),
-    ("Training", [
-        ("val_ssim_best", "best validation SSIM", "{:.4f}"), ("best_epoch", "best epoch", "{:d}"),
-        ("epochs_run", "epochs run", "{:d}"), ("vqvae_train_seconds", "VQ-VAE training (s)", "{:.0f}"),
-        ("prior_train_seconds", "prior training (s)", "{:.0f}"), ("evaluation_seconds", "evaluation (s)", "{:.0f}"),
-    ]),
-]
-
-
-def _format(value, pattern):
-    if pattern == "ms_ssim":
-        return (f"{value['scales']} scales, {value['filter_size']}-pixel Gaussian filter, weights "
-                + ", ".join(f"{w:.3f}" for w in value["power_factors"]))
-    try:
-        return pattern.format(value)
-    except (ValueError, TypeError):
-        return str(value)
-
-
-def _embedded_image(path, alt):
-    with open(path, "rb") as f:
-        data = base64.b64encode(f.read()).decode("ascii")
-    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}">'
-
-
-def write_report(run_dir, metrics, figures):
-    """One HTML page with the metrics table and every figure embedded as base64 PNG."""
-    import plots
-
-    sections = []
-    rows = []
-    for heading, entries in METRIC_ROWS:
-        present = [(label, _format(metrics[key], pattern)) for key, label, pattern in entries if key in metrics]
-        if present:
-            rows.append(f'<tr><th colspan="2">{html.escape(heading)}</th></tr>')
-            rows += [f"<tr><td>{html.escape(label)}</td><td>{html.escape(value)}</td></tr>" for label, value in present]
-    sections.append(("Metrics", f'<table>{"".join(rows)}</table>'))
-    figure_list = [
-        ("Training curves", [os.path.join(run_dir, name) for name in ("loss.png", "ssim.png", "pixelcnn_loss.png")]),
-        ("Reconstructions", [os.path.join(run_dir, "reconstructions.png"), figures.get("ssim_histogram"),
-                             figures.get("worst")]),
-        ("Codebook", [os.path.join(run_dir, "code_maps.png"), figures.get("codebook")]),
-        ("Samples and their nearest training slices", [figures.get("samples")]),
-    ]
-    for heading, paths in figure_list:
-        images = [_embedded_image(path, os.path.basename(path)) for path in paths if path and os.path.exists(path)]
-        if images:
-            sections.append((heading, "\n".join(images)))
-    body = "\n".join(f"<h2>{html.escape(heading)}</h2>\n{content}" for heading, content in sections)
-    page = f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8">
-<title>VQ-VAE run report: {html.escape(os.path.basename(os.path.abspath(run_dir)))}</title>
-<style>
-body {{ font-family: sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }}
-table {{ border-collapse: collapse; margin-bottom: 1em; }}
-td, th {{ border: 1px solid #ccc; padding: 3px 10px; text-align: left; }}
-th {{ background: #eee; }}
-img {{ max-width: 100%; margin: 4px 0; }}
-</style></head><body>
-<h1>VQ-VAE run report</h1>
-<p>Run <code>{html.escape(os.path.abspath(run_dir))}</code>, data <code>{html.escape(str(metrics.get("evaluated_data", "")))}</code>,
-written {time.strftime("%Y-%m-%d %H:%M")}. Every figure is embedded; the page needs no network.</p>
-{body}
-</body></html>
-"""
-    def write(temporary):
-        with open(temporary, "w", encoding="utf-8") as f:
-            f.write(page)
-
-    path = os.path.join(run_dir, "report.html")
-    plots.atomic_write(path, write)
-    return path

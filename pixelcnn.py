@@ -225,7 +225,9 @@ class PixelCNN(keras.Model):
                 h_new = out(gate(conv(horizontal_conv, h) + v_to_h(v_pre)))
                 # No residual on the first layer: its input holds the very code being predicted.
                 h = h_new if index == 0 else h + h_new
-            h = tf.nn.relu(h)
+            # tf.maximum, not tf.nn.relu: grappler's oneDNN remapper fuses Dense + add + relu
+            # into a node it then cannot import inside the sampler's loop, and logs errors.
+            h = tf.maximum(h, 0.0)
         return self.logits(self.head(h))
 
     def call(self, codes):
@@ -362,7 +364,8 @@ class Sampler(tf.Module):
             self.sample_row(tf.constant(i), temperature, seed)
             if progress:
                 progress(i + 1)
-        return tf.transpose(self.codes, (2, 0, 1))
+        # Transposed in NumPy: TensorFlow's oneDNN int32 transpose logs an error on some CPUs.
+        return tf.constant(np.transpose(self.codes.numpy(), (2, 0, 1)))
 
     def used_logits(self):
         """(batch_size, height, width, K): the logits each code of the last sample was drawn from."""

@@ -15,9 +15,7 @@ import keras  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-# Atomic writes live in data.py (which writes the slice cache and must not need
-# matplotlib); figures use them too, and the rest of the project calls them from here.
-from data import UMASK, atomic_write, write_json  # noqa: E402, F401
+from files import atomic_write  # noqa: E402
 
 
 def save_figure(figure, path):

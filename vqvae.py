@@ -17,10 +17,8 @@ keras.io VQ-VAE example, with the fixes that keep the codebook healthy:
 4. `ValidationMetrics`: a callback that scores the whole validation split after each epoch.
 """
 
-import time
 
 import keras
-import numpy as np
 import tensorflow as tf
 from keras import layers
 
@@ -39,6 +37,21 @@ def batch_norm(name):
 
 # ---------------------------------------------------------------------------
 # The quantizer
+
+
+def random_rows(flat, count):
+    """`count` rows of (N, D) vectors drawn at random, with replacement."""
+    return tf.gather(flat, tf.random.uniform((count,), 0, tf.shape(flat)[0], dtype=tf.int32))
+
+
+def from_first_replica(tensors):
+    """The first replica's values of `tensors` on every replica (as they are, on one device):
+    where every replica must make the same random draw."""
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return tensors
+    first = tf.equal(context.replica_id_in_sync_group, 0)
+    return context.all_reduce(tf.distribute.ReduceOp.SUM, [tensor * tf.cast(first, tensor.dtype) for tensor in tensors])
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
@@ -109,20 +122,29 @@ class VectorQuantizer(layers.Layer):
         return tf.argmin(distances, axis=1, output_type=tf.int32)
 
     def call(self, inputs, training=False):
+        quantized, indices = self.quantize_inputs(inputs, training)
+        self.add_loss(self.quantization_loss(inputs, indices))
+        return quantized, indices
+
+    def quantize_inputs(self, inputs, training=False):
+        """The quantized inputs and their code indices, without adding the layer loss (`VQVAE`
+        computes that once per step itself). In training, the codebook learns first."""
+        inputs = tf.cast(inputs, self.codebook.dtype)  # float16 encoder outputs under mixed precision
         flat = tf.reshape(inputs, (-1, self.embedding_dim))
         if training and self.codebook_init == "kmeans":
             self._initialize_once(flat)
         indices = self.nearest_codes(flat)
         quantized = tf.reshape(tf.gather(self.codebook, indices), tf.shape(inputs))
-        if training:
-            self._update_codebook(flat, indices)
-
-        indices = tf.reshape(indices, tf.shape(inputs)[:-1])
-        self.add_loss(self.quantization_loss(inputs, indices))
+        if training:  # after the lookup: this step decodes the codebook it was quantized with
+            counts, sums = self._assignment_stats(flat, indices)
+            if self.uses_ema:
+                self._ema_update(counts, sums)
+            if self.dead_code_steps:
+                self._restart_dead_codes(flat, counts)
         # Straight-through estimator: the forward pass uses the codes, the backward pass
         # copies the decoder's gradient to the encoder output as if quantization were identity.
         quantized = inputs + tf.stop_gradient(quantized - inputs)
-        return quantized, indices
+        return quantized, tf.reshape(indices, tf.shape(inputs)[:-1])
 
     def quantization_loss(self, inputs, indices):
         """beta * the commitment loss, plus the codebook loss when the codebook is learnt by
@@ -147,19 +169,6 @@ class VectorQuantizer(layers.Layer):
             counts, sums = context.all_reduce(tf.distribute.ReduceOp.SUM, [counts, sums])
         return counts, sums
 
-    def _random_rows(self, flat, count):
-        return tf.gather(flat, tf.random.uniform((count,), 0, tf.shape(flat)[0], dtype=tf.int32))
-
-    @staticmethod
-    def _from_first_replica(tensors):
-        """The first replica's values of `tensors` on every replica (as they are, on one)."""
-        context = tf.distribute.get_replica_context()
-        if context is None or context.num_replicas_in_sync == 1:
-            return tensors
-        first = tf.equal(context.replica_id_in_sync_group, 0)
-        return context.all_reduce(tf.distribute.ReduceOp.SUM,
-                                  [tensor * tf.cast(first, tensor.dtype) for tensor in tensors])
-
     def _initialize_once(self, flat):
         """Initialise the codebook by k-means on the first training batch.
 
@@ -169,7 +178,7 @@ class VectorQuantizer(layers.Layer):
         first_step = self.initialized <= 0
         centers, counts = tf.cond(first_step, lambda: self._kmeans(flat),
                                   lambda: (tf.identity(self.codebook), tf.identity(self.cluster_size)))
-        centers, counts = self._from_first_replica([centers, counts])
+        centers, counts = from_first_replica([centers, counts])
         self.codebook.assign(tf.where(first_step, centers, self.codebook))
         self.cluster_size.assign(tf.where(first_step, counts, self.cluster_size))
         self.embedding_sum.assign(tf.where(first_step, centers * counts[:, None], self.embedding_sum))
@@ -177,32 +186,29 @@ class VectorQuantizer(layers.Layer):
 
     def _kmeans(self, flat):
         """Lloyd's k-means on (N, D) vectors: the centres and how many vectors each holds."""
-        centers = self._random_rows(flat, self.num_embeddings)
+        centers = random_rows(flat, self.num_embeddings)
         counts = tf.zeros((self.num_embeddings,))
         for _ in range(self.kmeans_iterations):
             counts, sums = self._assignment_stats(flat, self.nearest_codes(flat, centers), across_replicas=False)
             centers = tf.where(counts[:, None] > 0, sums / tf.maximum(counts[:, None], 1.0), centers)
         return centers, counts
 
-    def _update_codebook(self, flat, indices):
-        counts, sums = self._assignment_stats(flat, indices)
-        if self.uses_ema:
-            decay = self.ema_decay
-            self.cluster_size.assign(decay * self.cluster_size + (1 - decay) * counts)
-            self.embedding_sum.assign(decay * self.embedding_sum + (1 - decay) * sums)
-            # Laplace smoothing keeps codes with a tiny cluster size from dividing by ~0.
-            total = tf.reduce_sum(self.cluster_size)
-            smoothed = (self.cluster_size + self.epsilon) / (total + self.num_embeddings * self.epsilon) * total
-            self.codebook.assign(self.embedding_sum / smoothed[:, None])
-        if self.dead_code_steps:
-            self._restart_dead_codes(flat, counts)
+    def _ema_update(self, counts, sums):
+        """Move each code to the moving average of the vectors assigned to it."""
+        decay = self.ema_decay
+        self.cluster_size.assign(decay * self.cluster_size + (1 - decay) * counts)
+        self.embedding_sum.assign(decay * self.embedding_sum + (1 - decay) * sums)
+        # Laplace smoothing keeps codes with a tiny cluster size from dividing by ~0.
+        total = tf.reduce_sum(self.cluster_size)
+        smoothed = (self.cluster_size + self.epsilon) / (total + self.num_embeddings * self.epsilon) * total
+        self.codebook.assign(self.embedding_sum / smoothed[:, None])
 
     def _restart_dead_codes(self, flat, counts):
         """Move codes unused for `dead_code_steps` steps onto random recent encoder outputs."""
         steps_unused = tf.where(counts > 0, 0.0, self.steps_unused + 1)
         dead = steps_unused >= self.dead_code_steps
         # Every replica must restart a code at the same vector: take the first replica's draw.
-        [replacement] = self._from_first_replica([self._random_rows(flat, self.num_embeddings)])
+        [replacement] = from_first_replica([random_rows(flat, self.num_embeddings)])
         self.codebook.assign(tf.where(dead[:, None], replacement, self.codebook))
         if self.uses_ema:
             self.cluster_size.assign(tf.where(dead, 1.0, self.cluster_size))
@@ -380,12 +386,12 @@ class VQVAE(keras.Model):
 
     def reconstruct(self, images, training=False):
         """(B, H, W, 1) images -> their reconstructions and (B, H / d, W / d) code indices."""
-        quantized, indices = self.quantizer(self.encoder(images, training=training), training=training)
+        quantized, indices = self.quantizer.quantize_inputs(self.encoder(images, training=training), training=training)
         return self.decoder(quantized, training=training), indices
 
     def encode(self, images):
         """(B, H, W, 1) images -> (B, H / d, W / d) int32 code indices."""
-        _, indices = self.quantizer(self.encoder(images, training=False))
+        _, indices = self.quantizer.quantize_inputs(self.encoder(images, training=False))
         return indices
 
     def decode(self, indices):
@@ -399,7 +405,7 @@ class VQVAE(keras.Model):
 
     def _step(self, images, training):
         latents = self.encoder(images, training=training)
-        quantized, indices = self.quantizer(latents, training=training)
+        quantized, indices = self.quantizer.quantize_inputs(latents, training=training)
         reconstructions = self.decoder(quantized, training=training)
         reconstruction_loss = tf.reduce_mean((images - reconstructions) ** 2)
         vq_loss = self.quantizer.quantization_loss(latents, indices)
@@ -442,86 +448,3 @@ class VQVAE(keras.Model):
             "ema_decay": self.ema_decay, "codebook_init": self.codebook_init,
             "dead_code_steps": self.dead_code_steps, "shift": self.shift, "name": self.name,
         }
-
-
-# ---------------------------------------------------------------------------
-# Validation
-
-
-class ValidationMetrics(keras.callbacks.Callback):
-    """After each epoch, score the model on the whole validation split with `test_step`
-    (tf.image.ssim per slice, averaged over every slice) and add the results to the epoch's
-    logs as `val_*`, so `ModelCheckpoint(monitor="val_ssim")` can keep the best model."""
-
-    def __init__(self, validation_data, verbose=1):
-        super().__init__()
-        self.validation_data = validation_data
-        self.verbose = verbose
-
-    def on_epoch_end(self, epoch, logs=None):
-        results = self.model.evaluate(self.validation_data, verbose=0, return_dict=True)
-        if logs is not None:
-            logs.update({f"val_{name}": float(value) for name, value in results.items()})
-        if self.verbose:
-            print(f"epoch {epoch + 1}: val_ssim {results['ssim']:.4f}  val_psnr {results['psnr']:.2f} dB  "
-                  f"val_perplexity {results['perplexity']:.1f}  val_codebook_usage {results['codebook_usage']:.1%}",
-                  flush=True)
-
-
-class TimeLimit(keras.callbacks.Callback):
-    """Stop training when another epoch as long as the last one would overrun `minutes`
-    (0 = no limit)."""
-
-    def __init__(self, minutes):
-        super().__init__()
-        self.minutes = minutes
-
-    def on_train_begin(self, logs=None):
-        self.start = self.epoch_start = time.time()
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.epoch_start = time.time()
-
-    def on_epoch_end(self, epoch, logs=None):
-        now = time.time()
-        if self.minutes and now - self.start + (now - self.epoch_start) > self.minutes * 60:
-            print(f"time limit: another epoch would pass {self.minutes} minutes; stopping after epoch {epoch + 1}",
-                  flush=True)
-            self.model.stop_training = True
-
-
-class CosineLearningRate(keras.callbacks.Callback):
-    """Decay the learning rate from `base` to `floor * base` along a half cosine over the
-    run's budget: `epochs`, or `minutes` of wall time when that comes first, so a run cut
-    short by a time limit still ends with a small learning rate."""
-
-    def __init__(self, base, epochs, minutes=0.0, floor=0.05):
-        super().__init__()
-        self.base, self.epochs, self.minutes, self.floor = base, epochs, minutes, floor
-
-    def on_train_begin(self, logs=None):
-        self.start = time.time()
-
-    def on_epoch_begin(self, epoch, logs=None):
-        progress = epoch / self.epochs
-        if self.minutes:
-            progress = max(progress, (time.time() - self.start) / (self.minutes * 60))
-        scale = self.floor + (1 - self.floor) * 0.5 * (1 + np.cos(np.pi * min(progress, 1.0)))
-        self.model.optimizer.learning_rate.assign(self.base * scale)
-
-    def on_epoch_end(self, epoch, logs=None):
-        if logs is not None:
-            logs["learning_rate"] = float(self.model.optimizer.learning_rate.numpy())
-
-
-def score_split(model, dataset):
-    """Per-slice SSIM and PSNR and the codebook statistics of a whole split, as numpy."""
-    ssims, psnrs = [], []
-    codebook = CodebookStatistics(model.num_embeddings)
-    for images in dataset:
-        reconstructions, indices = model.reconstruct(images)
-        ssims.append(image_ssim(images, reconstructions, model.shift).numpy())
-        psnrs.append(image_psnr(images, reconstructions, model.shift).numpy())
-        codebook.update_state(indices)
-    stats = {name: float(value) for name, value in codebook.result().items()}
-    return np.concatenate(ssims), np.concatenate(psnrs), stats

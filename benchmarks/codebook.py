@@ -24,6 +24,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import driver  # noqa: E402
+import table  # noqa: E402
 
 QUANTIZERS = {
     "loss-based": dict(ema_decay=0.0, codebook_init="uniform", dead_code_steps=0),
@@ -60,17 +61,13 @@ def main():
 
     print(f"\nsame data, model and budget ({args.minutes:g} min per run); usage and perplexity over the "
           "whole test split")
-    print(f"{'K':>5}  {'quantizer':<11} {'epochs':>6} {'codes used':>14} {'perplexity':>10} {'test SSIM':>9} "
-          f"{'min SSIM':>8} {'PSNR':>6}")
-    for row in rows:
-        used = f"{round(row['codebook_usage'] * row['K'])} ({row['codebook_usage']:.1%})"
-        print(f"{row['K']:>5}  {row['quantizer']:<11} {row['epochs_run']:>6} {used:>14} {row['perplexity']:>10.1f} "
-              f"{row['test_ssim_mean']:>9.3f} {row['test_ssim_min']:>8.3f} {row['test_psnr_mean']:>6.2f}")
-    if args.json:
-        import data
-
-        data.write_json(args.json, rows)
-
+    table.print_table(
+        [("quantizer", 11, "{}"), ("K", 5, "{}"), ("epochs", 6, "{}"), ("codes used", 14, "{}"),
+         ("perplexity", 10, "{:.1f}"), ("test SSIM", 9, "{:.3f}"), ("min SSIM", 8, "{:.3f}"), ("PSNR", 6, "{:.2f}")],
+        [[row["quantizer"], row["K"], row["epochs_run"],
+          f"{round(row['codebook_usage'] * row['K'])} ({row['codebook_usage']:.1%})", row["perplexity"],
+          row["test_ssim_mean"], row["test_ssim_min"], row["test_psnr_mean"]] for row in rows])
+    table.save(args.json, rows)
 
 if __name__ == "__main__":
     main()

@@ -67,9 +67,9 @@ def main():
         ratio = result["peak_rss_mib"] / results[0]["peak_rss_mib"]
         print(f"{result['slices']:>8d} {result['peak_rss_mib']:>15.0f} {ratio:>8.1%} {result['seconds']:>8.0f}")
     if args.json:
-        import data
+        import files
 
-        data.write_json(args.json, results)
+        files.write_json(args.json, results)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
     python benchmarks/pipeline.py --data ../shared/data/oasis_like --image-size 256
 
 Measures, on the train split:
-1. the first pass, which decodes every file and writes the slice cache (data.cache_split);
+1. the first pass, which decodes every file and writes the slice cache (cache.cache_split);
 2. the cached pipeline alone (the batched, shuffled dataset training reads), over whole epochs;
 3. VQ-VAE training steps with the driver's default model, without and with --jit (XLA),
    timed after a warm-up, on the same cached batches.
@@ -12,6 +12,7 @@ The issue's target: the cached pipeline delivers at least 5x what training consu
 """
 
 import argparse
+import dataclasses
 import os
 import sys
 import tempfile
@@ -23,9 +24,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+import cache  # noqa: E402
 import data  # noqa: E402
+import files  # noqa: E402
 import driver  # noqa: E402
-import vqvae  # noqa: E402
+import train  # noqa: E402
 
 
 def pipeline_rate(dataset, epochs):
@@ -43,9 +46,7 @@ def pipeline_rate(dataset, epochs):
 def training_rate(dataset, config, jit, steps):
     """Images per second of VQ-VAE training steps, after one warm-up epoch of `steps`."""
     keras.utils.set_random_seed(0)
-    model = vqvae.VQVAE(num_embeddings=config.K, latent_dim=config.D, filters=config.filters,
-                        num_res_blocks=config.res_blocks, shift=config.shift)
-    model.compile(optimizer=keras.optimizers.Adam(config.learning_rate), jit_compile=jit)
+    model = train.build_vqvae(dataclasses.replace(config, jit=jit))
     times = []
 
     class Clock(keras.callbacks.Callback):
@@ -74,13 +75,13 @@ def main():
     size = args.image_size or data.default_image_size(source, 2 ** len(config.filters))
     size = [size[0], size[-1]]
     results = {"data": args.data, "layout": source.layout, "image_size": size, "batch_size": args.batch_size}
-    with tempfile.TemporaryDirectory() as cache:
+    with tempfile.TemporaryDirectory() as cache_dir:
         start = time.perf_counter()
-        manifest = data.cache_split(source, "train", size, cache, verbose=False)
+        manifest = cache.cache_split(source, "train", size, cache_dir, verbose=False)
         seconds = time.perf_counter() - start
         results["slices"] = manifest["slices"]
         results["first_pass_images_per_second"] = manifest["slices"] / seconds
-        train = data.cached_dataset(manifest, args.batch_size, config.shift, shuffle=True, seed=0)
+        train = cache.cached_dataset(manifest, args.batch_size, config.shift, shuffle=True, seed=0)
         results["cached_pipeline_images_per_second"] = pipeline_rate(train, args.epochs)
         for jit in (False, True):
             results[f"training_images_per_second{'_jit' if jit else ''}"] = training_rate(train, config, jit,
@@ -96,7 +97,7 @@ def main():
     print(f"{'VQ-VAE training with --jit (XLA)':40s} {results['training_images_per_second_jit']:10.1f} images/s")
     print(f"cached pipeline / training: {results['pipeline_over_training']:.0f}x")
     if args.json:
-        data.write_json(args.json, results)
+        files.write_json(args.json, results)
 
 
 if __name__ == "__main__":

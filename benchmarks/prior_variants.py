@@ -20,27 +20,30 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-import data  # noqa: E402
 import driver  # noqa: E402
+import evaluate  # noqa: E402
 import pixelcnn  # noqa: E402
-import vqvae  # noqa: E402
+import table  # noqa: E402
+import train  # noqa: E402
+
+
+def plain_config(num_embeddings, filters, layers, res_blocks, learning_rate):
+    return driver.Config(K=num_embeddings, pcnn_variant="plain", pcnn_filters=filters, pcnn_layers=layers,
+                         pcnn_res_blocks=res_blocks, pcnn_head_units=0, pcnn_learning_rate=learning_rate)
 
 
 def matched_plain_filters(target, num_embeddings, layers, res_blocks):
     """The plain prior's channel count whose parameter count is closest to `target`."""
     def count(filters):
-        return pixelcnn.PixelCNN(num_embeddings, "plain", filters=filters, num_layers=layers,
-                                 num_res_blocks=res_blocks).count_params()
+        return train.build_prior(plain_config(num_embeddings, filters, layers, res_blocks, 1e-3)).count_params()
     return min(range(8, 257, 4), key=lambda filters: abs(count(filters) - target))
 
 
 def fit(model, codes, epochs, batch_size, learning_rate, seed, schedule):
     def dataset(grids, shuffle):
-        return driver.code_dataset(grids, batch_size, shuffle, seed)
+        return train.code_dataset(grids, batch_size, shuffle, seed)
 
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    callbacks = [vqvae.CosineLearningRate(learning_rate, epochs)] if schedule == "cosine" else []
+    callbacks = [train.CosineLearningRate(learning_rate, epochs)] if schedule == "cosine" else []
     start = time.time()
     history = model.fit(dataset(codes["train"], True), validation_data=dataset(codes["validate"], False),
                         epochs=epochs, verbose=2, callbacks=callbacks)
@@ -49,8 +52,7 @@ def fit(model, codes, epochs, batch_size, learning_rate, seed, schedule):
         "parameters": model.count_params(),
         "val_bits_per_code": [round(pixelcnn.bits_per_code(v), 4) for v in history.history["val_loss"]],
         "best_val_bits_per_code": round(pixelcnn.bits_per_code(min(history.history["val_loss"])), 4),
-        "test_bits_per_code": round(pixelcnn.bits_per_code(model.evaluate(dataset(codes["test"], False),
-                                                                          verbose=0)), 4),
+        "test_bits_per_code": round(evaluate.prior_bits_per_code(model, codes["test"]), 4),
         "seconds": round(seconds, 1),
     }
 
@@ -77,16 +79,17 @@ def main():
     codes = dict(np.load(os.path.join(args.run, "codes.npz")))
     num_embeddings = json.load(open(os.path.join(args.run, "config.json")))["K"]
     keras.utils.set_random_seed(args.seed)
-    make_gated = lambda: pixelcnn.PixelCNN(num_embeddings, "gated", filters=args.filters,  # noqa: E731
-                                           num_layers=args.layers, head_units=args.head_units or None)
+    make_gated = lambda: train.build_prior(driver.Config(  # noqa: E731
+        K=num_embeddings, pcnn_filters=args.filters, pcnn_layers=args.layers, pcnn_head_units=args.head_units,
+        pcnn_learning_rate=args.learning_rate))
     gated = make_gated()
     plain_filters = matched_plain_filters(gated.count_params(), num_embeddings, args.plain_layers,
                                           args.plain_res_blocks)
     results = {}
     for name, make in (
         ("gated", make_gated),
-        ("plain", lambda: pixelcnn.PixelCNN(num_embeddings, "plain", filters=plain_filters,
-                                            num_layers=args.plain_layers, num_res_blocks=args.plain_res_blocks)),
+        ("plain", lambda: train.build_prior(plain_config(num_embeddings, plain_filters, args.plain_layers,
+                                                         args.plain_res_blocks, args.learning_rate))),
     ):
         if args.only and name != args.only:
             continue
@@ -102,13 +105,12 @@ def main():
     print(f"\ncode grids {grid[0]}x{grid[1]}, K = {num_embeddings} (log2 K = {np.log2(num_embeddings):.2f} bits), "
           f"{len(codes['train'])} train / {len(codes['validate'])} validate / {len(codes['test'])} test grids, "
           f"{args.epochs} epochs each")
-    print(f"{'prior':8s} {'parameters':>10s} {'best val bits/code':>19s} {'test bits/code':>15s} {'seconds':>8s}")
-    for name, result in results.items():
-        print(f"{name:8s} {result['parameters']:>10,d} {result['best_val_bits_per_code']:>19.3f} "
-              f"{result['test_bits_per_code']:>15.3f} {result['seconds']:>8.0f}")
-    if args.json:
-        data.write_json(args.json, results)
-
+    table.print_table(
+        [("prior", 8, "{}"), ("parameters", 10, "{:,d}"), ("best val bits/code", 19, "{:.3f}"),
+         ("test bits/code", 15, "{:.3f}"), ("seconds", 8, "{:.0f}")],
+        [[name, result["parameters"], result["best_val_bits_per_code"], result["test_bits_per_code"],
+          result["seconds"]] for name, result in results.items()])
+    table.save(args.json, results)
 
 if __name__ == "__main__":
     main()

@@ -22,8 +22,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-import data  # noqa: E402
+import files  # noqa: E402
+import driver  # noqa: E402
 import pixelcnn  # noqa: E402
+import train  # noqa: E402
 import vqvae  # noqa: E402, F401  (registers the saved classes)
 
 
@@ -31,8 +33,9 @@ def load_or_build(args):
     if args.run:
         return keras.models.load_model(os.path.join(args.run, "pixelcnn.keras"))
     keras.utils.set_random_seed(0)
-    model = pixelcnn.PixelCNN(args.K, args.variant, filters=args.filters, num_layers=args.layers,
-                              num_res_blocks=args.res_blocks)
+    model = train.build_prior(driver.Config(K=args.K, pcnn_variant=args.variant, pcnn_filters=args.filters,
+                                            pcnn_layers=args.layers, pcnn_res_blocks=args.res_blocks,
+                                            pcnn_head_units=0))
     # Random weights scaled up, so the logits (and the codes drawn) are far from uniform.
     rng = np.random.default_rng(0)
     for weight in model.trainable_weights:
@@ -89,7 +92,7 @@ def main():
               f"max |logit diff| vs full pass {exact:.1e}, vs naive {agreement:.1e}, same codes {same_codes}",
               flush=True)
     if args.json:
-        data.write_json(args.json, {"model": model.get_config(), "parameters": model.count_params(),
+        files.write_json(args.json, {"model": model.get_config(), "parameters": model.count_params(),
                                     "results": results})
 
 

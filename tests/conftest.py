@@ -12,6 +12,7 @@ import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import data  # noqa: E402
+import demo  # noqa: E402
 
 
 def write_png(path, array):
@@ -27,7 +28,7 @@ def write_nifti(path, array):
 
 
 def phantom(size, seed):
-    return data.synthetic_brain_slice(size, np.random.default_rng(seed))
+    return demo.synthetic_brain_slice(size, np.random.default_rng(seed))
 
 
 @pytest.fixture

@@ -8,7 +8,9 @@ import pytest
 from conftest import phantom, write_nifti, write_png
 from nibabel.testing import data_path as NIBABEL_DATA
 
+import cache
 import data
+import demo
 
 
 def batches(dataset):
@@ -132,7 +134,7 @@ def test_oasis_layout(oasis_root):
     assert [len(source.files[s]) for s in data.SPLITS] == [16, 8, 8]
     assert all("seg" not in f for fs in source.files.values() for f in fs)
     assert data.default_image_size(source, 4) == (32, 32)
-    images = batches(data.split_dataset(source, "test", (32, 32), batch_size=3, shift=-0.5))
+    images = batches(cache.split_dataset(source, "test", (32, 32), batch_size=3, shift=-0.5))
     assert images.shape == (8, 32, 32, 1) and images.dtype == np.float32
     assert images.min() >= -0.5 and images.max() <= 0.5
     # The PNG pipeline reproduces the written pixels (scaled by 1/255).
@@ -145,7 +147,7 @@ def test_hipmri_layout_mixed_shapes(hipmri_root):
     assert source.layout == "hipmri"
     size = data.default_image_size(source, 4)
     assert size == (40, 32)
-    images = batches(data.split_dataset(source, "train", size, batch_size=4, shift=0.0))
+    images = batches(cache.split_dataset(source, "train", size, batch_size=4, shift=0.0))
     assert images.shape == (6, 40, 32, 1)
     assert images.min() >= 0 and images.max() <= 1
     # The narrower 40x24 slices are centred with zero padding on both sides.
@@ -155,8 +157,8 @@ def test_hipmri_layout_mixed_shapes(hipmri_root):
 
 def test_hipmri_shuffled_split_is_a_permutation(hipmri_root):
     source = data.find_source(hipmri_root)
-    plain = batches(data.split_dataset(source, "train", (40, 32), 4))
-    shuffled = batches(data.split_dataset(source, "train", (40, 32), 4, shuffle=True, seed=1))
+    plain = batches(cache.split_dataset(source, "train", (40, 32), 4))
+    shuffled = batches(cache.split_dataset(source, "train", (40, 32), 4, shuffle=True, seed=1))
     assert sorted(plain.sum(axis=(1, 2, 3)).round(3)) == sorted(shuffled.sum(axis=(1, 2, 3)).round(3))
 
 
@@ -167,7 +169,7 @@ def test_flat_nifti_volumes_split_by_subject(tmp_path):
     source = data.find_source(str(tmp_path / "vols"), seed=0)
     assert source.layout == "flat-nifti"
     assert sorted(len(v) for v in source.files.values()) == [1, 1, 4]
-    images = batches(data.split_dataset(source, "test", (12, 12), batch_size=5))
+    images = batches(cache.split_dataset(source, "test", (12, 12), batch_size=5))
     assert images.shape == (8, 12, 12, 1)
 
 
@@ -177,7 +179,7 @@ def test_flat_png_folder(tmp_path):
             write_png(str(tmp_path / "flat" / f"case_{case:03d}_slice_{s}.png"), phantom(16, case * 10 + s))
     source = data.find_source(str(tmp_path / "flat"), seed=0)
     assert source.layout == "flat-png"
-    images = batches(data.split_dataset(source, "train", (16, 16), batch_size=4))
+    images = batches(cache.split_dataset(source, "train", (16, 16), batch_size=4))
     assert images.shape == (len(source.files["train"]), 16, 16, 1)
 
 
@@ -201,21 +203,21 @@ def test_bad_data_folders(tmp_path, make, message):
 
 
 def test_demo_dataset_is_deterministic_and_plausible(tmp_path):
-    a = data.synthetic_brain_slice(64, np.random.default_rng(7))
-    b = data.synthetic_brain_slice(64, np.random.default_rng(7))
-    c = data.synthetic_brain_slice(64, np.random.default_rng(8))
+    a = demo.synthetic_brain_slice(64, np.random.default_rng(7))
+    b = demo.synthetic_brain_slice(64, np.random.default_rng(7))
+    c = demo.synthetic_brain_slice(64, np.random.default_rng(8))
     assert np.array_equal(a, b) and not np.array_equal(a, c)
     assert a.shape == (64, 64) and a.min() >= 0 and a.max() <= 1
     assert a[0, 0] < 0.05 and a[32, 10:54].mean() > 0.2  # dark background, tissue in the middle
 
-    root = data.write_demo_dataset(str(tmp_path / "demo"), size=32, counts=(8, 4, 4), slices_per_case=4)
+    root = demo.write_demo_dataset(str(tmp_path / "demo"), size=32, counts=(8, 4, 4), slices_per_case=4)
     source = data.find_source(root)
     assert [len(source.files[s]) for s in data.SPLITS] == [8, 4, 4]
     cases = [{data.case_id(f) for f in source.files[s]} for s in data.SPLITS]
     assert not (cases[0] & cases[1] or cases[0] & cases[2] or cases[1] & cases[2])
     stamp = os.path.getmtime(os.path.join(root, data.OASIS_DIRS["train"], os.listdir(
         os.path.join(root, data.OASIS_DIRS["train"]))[0]))
-    data.write_demo_dataset(root, size=32, counts=(8, 4, 4), slices_per_case=4)  # reused, not rewritten
+    demo.write_demo_dataset(root, size=32, counts=(8, 4, 4), slices_per_case=4)  # reused, not rewritten
     assert os.path.getmtime(os.path.join(root, data.OASIS_DIRS["train"], os.listdir(
         os.path.join(root, data.OASIS_DIRS["train"]))[0])) == stamp
 
@@ -229,7 +231,7 @@ def test_real_nifti_written_by_nibabel_big_endian(tmp_path):
     for i in range(3):
         nibabel.save(image, str(folder / f"case_{i:03d}_anat.nii"))
     source = data.find_source(str(folder))
-    images = batches(data.split_dataset(source, "test", (36, 44), batch_size=8))
+    images = batches(cache.split_dataset(source, "test", (36, 44), batch_size=8))
     assert images.shape == (25, 36, 44, 1) and np.isfinite(images).all()
 
 
@@ -239,38 +241,38 @@ def test_real_nifti_written_by_nibabel_big_endian(tmp_path):
 
 def test_cache_is_reused_and_follows_file_changes(oasis_root, tmp_path):
     source = data.find_source(oasis_root)
-    cache = str(tmp_path / "cache")
-    first = data.cache_split(source, "test", (32, 32), cache, verbose=False)
+    cache_dir = str(tmp_path / "cache")
+    first = cache.cache_split(source, "test", (32, 32), cache_dir, verbose=False)
     stamp = os.path.getmtime(first["shards"][0])
-    again = data.cache_split(source, "test", (32, 32), cache, verbose=False)
+    again = cache.cache_split(source, "test", (32, 32), cache_dir, verbose=False)
     assert again == first and os.path.getmtime(again["shards"][0]) == stamp  # read back, not rewritten
-    assert data.cache_split(source, "test", (16, 16), cache, verbose=False)["shards"] != first["shards"]
+    assert cache.cache_split(source, "test", (16, 16), cache_dir, verbose=False)["shards"] != first["shards"]
     changed = source.files["test"][0]
     write_png(changed, np.zeros((32, 32)))
     os.utime(changed, ns=(1, 1))
-    rewritten = data.cache_split(source, "test", (32, 32), cache, verbose=False)
+    rewritten = cache.cache_split(source, "test", (32, 32), cache_dir, verbose=False)
     assert rewritten["shards"] != first["shards"]
-    images = batches(data.cached_dataset(rewritten, 8))
+    images = batches(cache.cached_dataset(rewritten, 8))
     assert np.all(images[0] == 0)  # the new content of the changed file
 
 
 def test_cache_spreads_a_split_over_shards_and_reshuffles_each_epoch(oasis_root, tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "SHARD_BYTES", 3 * 32 * 32 * 2)  # 3 slices per shard
+    monkeypatch.setattr(cache, "SHARD_BYTES", 3 * 32 * 32 * 2)  # 3 slices per shard
     source = data.find_source(oasis_root)
-    manifest = data.cache_split(source, "train", (32, 32), str(tmp_path / "cache"), verbose=False)
+    manifest = cache.cache_split(source, "train", (32, 32), str(tmp_path / "cache"), verbose=False)
     assert manifest["slices"] == 16 and len(manifest["shards"]) == 6
     assert not [name for name in os.listdir(os.path.dirname(manifest["shards"][0])) if name.startswith(".")]
-    dataset = data.cached_dataset(manifest, 4, shuffle=True, seed=0)
+    dataset = cache.cached_dataset(manifest, 4, shuffle=True, seed=0)
     assert dataset.cardinality() == 4  # known in advance, so progress bars have a total
     epochs = [batches(dataset).sum(axis=(1, 2, 3)) for _ in range(2)]
-    in_order = batches(data.cached_dataset(manifest, 4)).sum(axis=(1, 2, 3))
+    in_order = batches(cache.cached_dataset(manifest, 4)).sum(axis=(1, 2, 3))
     assert sorted(epochs[0]) == pytest.approx(sorted(in_order)) and sorted(epochs[1]) == pytest.approx(sorted(in_order))
     assert not np.allclose(epochs[0], epochs[1]) and not np.allclose(epochs[0], in_order)
 
 
 def test_nifti_cache_matches_direct_decoding(hipmri_root, tmp_path):
     source = data.find_source(hipmri_root)
-    cached = batches(data.split_dataset(source, "train", (40, 32), 8, cache_dir=str(tmp_path / "cache")))
+    cached = batches(cache.split_dataset(source, "train", (40, 32), 8, cache_dir=str(tmp_path / "cache")))
     direct = np.stack([data.fit_to_size(data.nifti_slices(path)[0][..., None], (40, 32)).numpy()
                        for path in source.files["train"]])
     assert np.abs(cached - direct).max() < 1e-5

@@ -1,6 +1,7 @@
 """driver.py: flag checking, a tiny end-to-end run, and the reconstruct command."""
 
 import csv
+import glob
 import json
 import os
 import subprocess
@@ -10,6 +11,7 @@ import keras
 import nibabel
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import driver
 
@@ -17,6 +19,21 @@ PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--K", "8", "--D", "4", "--filters", "4", "8", "--res-blocks", "1", "--batch-size", "4",
         "--learning-rate", "3e-3", "--pcnn-epochs", "2", "--pcnn-filters", "8", "--pcnn-layers", "2",
         "--samples", "3"]
+
+
+# What TensorFlow's C++ logging looks like; none of it may reach a user's terminal.
+TENSORFLOW_NOISE = ("E0000", "W0000", "I0000", "NodeDef mentions", "tfg_optimizer", "remapper", "oneDNN",
+                    "All log messages before absl")
+
+
+def summaries(folder):
+    """{tag: plugin name} of every summary in the TensorBoard event files of `folder`."""
+    tags = {}
+    for path in glob.glob(os.path.join(folder, "events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                tags[value.tag] = value.metadata.plugin_data.plugin_name
+    return tags
 
 
 def run_error(argv):
@@ -101,6 +118,20 @@ def test_train_then_reconstruct(oasis_root, tmp_path):
                  "samples/sample_002.png", "samples/sample_002.nii.gz"):
         assert os.path.exists(os.path.join(run, name)), name
     assert keras.models.load_model(os.path.join(run, "pixelcnn.keras")).head_units == 12
+    assert not os.path.exists(os.path.join(run, "backup"))  # a finished run is tidy
+
+    # TensorBoard: every tracked metric and the learning rate per epoch, images of
+    # reconstructions and of the final samples.
+    logs = os.path.join(run, "logs")
+    train_tags, validation_tags = summaries(f"{logs}/vqvae/train"), summaries(f"{logs}/vqvae/validation")
+    for tag in ("loss", "reconstruction_loss", "vq_loss", "ssim", "psnr", "perplexity", "codebook_usage",
+                "learning_rate"):
+        assert train_tags.get(f"epoch_{tag}") == "scalars", (tag, train_tags)
+    assert validation_tags.get("epoch_ssim") == "scalars" and "epoch_codebook_usage" in validation_tags
+    assert set(summaries(f"{logs}/vqvae/reconstructions").values()) == {"images"}
+    assert summaries(f"{logs}/prior/train").get("epoch_bits_per_code") == "scalars"
+    assert "epoch_bits_per_code" in summaries(f"{logs}/prior/validation")
+    assert set(summaries(f"{logs}/prior/samples").values()) == {"images"}
     with open(os.path.join(run, "pixelcnn_history.csv")) as f:
         rates = [float(row["learning_rate"]) for row in csv.DictReader(f)]
     # The prior's learning rate decays along a half cosine over --pcnn-epochs.
@@ -111,6 +142,9 @@ def test_train_then_reconstruct(oasis_root, tmp_path):
     result = subprocess.run([sys.executable, os.path.join(PROJECT, "driver.py"), "sample", "--run", run, "--n", "5",
                              "--batch-size", "2", "--seed", "3", "--out", out], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
+    noise = [line for line in result.stderr.splitlines() if any(mark in line for mark in TENSORFLOW_NOISE)]
+    assert not noise, noise  # TensorFlow's C++ log lines are hidden
+    assert "24/24" in result.stdout  # the progress bar knows its total: 3 batches of 8 code rows
     assert sorted(f for f in os.listdir(out) if f.endswith(".png")) == [
         "sample_000.png", "sample_001.png", "sample_002.png", "sample_003.png", "sample_004.png", "samples.png"]
     image = nibabel.load(os.path.join(out, "sample_004.nii.gz")).get_fdata()

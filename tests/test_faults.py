@@ -20,8 +20,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import cache
 import data
 import driver
+import train as stages
 from conftest import phantom, write_nifti, write_png
 
 PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -59,7 +61,7 @@ def test_bad_png_files_are_skipped_and_named(tmp_path):
     root, expected = oasis_with_bad_files(tmp_path)
     source = data.find_source(root)
     assert [os.path.basename(f) for f in source.ignored] == ["notes.txt"]
-    manifest = data.cache_split(source, "train", (32, 32), str(tmp_path / "cache"), verbose=False)
+    manifest = cache.cache_split(source, "train", (32, 32), str(tmp_path / "cache"), verbose=False)
     assert manifest["slices"] == 8 and manifest["files"] == 12
     reasons = {os.path.basename(path): reason for path, reason in manifest["skipped"]}
     assert set(reasons) == set(expected)
@@ -77,7 +79,7 @@ def test_unreadable_png_is_skipped(tmp_path):
     locked.chmod(0)
     source = data.find_source(str(folder))
     split = next(s for s in data.SPLITS if str(locked) in source.files[s])
-    manifest = data.cache_split(source, split, (16, 16), str(tmp_path / "cache"), verbose=False)
+    manifest = cache.cache_split(source, split, (16, 16), str(tmp_path / "cache"), verbose=False)
     assert [path for path, _ in manifest["skipped"]] == [str(locked)]
 
 
@@ -95,7 +97,7 @@ def test_bad_nifti_files_are_skipped_and_named(tmp_path):
         write_nifti(str(tmp_path / "hipmri" / data.HIPMRI_DIRS[split] / "x.nii.gz"), np.ones((20, 16), np.float32))
     source = data.find_source(str(tmp_path / "hipmri"))
     assert data.default_image_size(source, 4) == (20, 16)  # broken headers do not stop the size guess
-    manifest = data.cache_split(source, "train", (20, 16), str(tmp_path / "cache"), verbose=False)
+    manifest = cache.cache_split(source, "train", (20, 16), str(tmp_path / "cache"), verbose=False)
     assert manifest["slices"] == 2
     reasons = {os.path.basename(path): reason for path, reason in manifest["skipped"]}
     assert set(reasons) == {"all_nan.nii.gz", "zero_size.nii.gz", "truncated.nii", "garbage.nii.gz", "dangling.nii"}
@@ -195,7 +197,7 @@ def test_nan_loss_keeps_the_best_model(tmp_path, capsys):
     config = driver.Config(K=8, D=4, filters=[4, 8], res_blocks=1, epochs=5, grid_every=0, learning_rate=3e-3)
     run = str(tmp_path / "run")
     os.makedirs(run)
-    model, history, _ = driver.train_vqvae(config, splits, run, images[:4], tf.distribute.get_strategy())
+    model, history, _ = stages.train_vqvae(config, splits, run, images[:4], tf.distribute.get_strategy())
     log = capsys.readouterr().out
     assert "the training loss became NaN in epoch 2; training stopped, keeping the best model" in log
     assert len(history["loss"]) == 2 and np.isnan(history["loss"][1])
@@ -238,21 +240,31 @@ def wait_for_backup(process, metadata, epochs, timeout=300):
     raise AssertionError("no backup appeared")
 
 
-def test_resume_after_kill(oasis_root, tmp_path):
-    run = tmp_path / "run"
-    argv = [sys.executable, "driver.py", "--data", oasis_root, "--out", str(run), "--epochs", "12",
-            "--pcnn-epochs", "1", *TINY]
+def kill_during(stage, run, flags, before_resume=None):
+    """Start a run, SIGKILL it once `stage` has backed up two epochs, check it with
+    `before_resume(run)`, and resume it; returns the finished resume."""
+    argv = [sys.executable, "driver.py", "--out", str(run), *flags, *TINY]
     process = subprocess.Popen(argv, cwd=PROJECT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    wait_for_backup(process, run / "backup" / "vqvae" / "training_metadata.json", 2)
+    wait_for_backup(process, run / "backup" / stage / "training_metadata.json", 2)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    assert (run / "vqvae.keras").exists() and not (run / "metrics.json").exists()
-
+    if before_resume:
+        before_resume(run)
     result = subprocess.run([sys.executable, "driver.py", "--resume", str(run)], cwd=PROJECT,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    return result
+
+
+def test_resume_after_kill(oasis_root, tmp_path):
+    def killed_in_training(run):
+        assert (run / "vqvae.keras").exists() and not (run / "metrics.json").exists()
+
+    run = tmp_path / "run"
+    result = kill_during("vqvae", run, ["--data", oasis_root, "--epochs", "12", "--pcnn-epochs", "1"],
+                         killed_in_training)
     assert "resuming vqvae training after epoch" in result.stdout
-    history = driver.read_history(str(run / "history.csv"))
+    history = stages.read_history(str(run / "history.csv"))
     assert history["epoch"] == list(range(12))  # every epoch once, none lost or repeated
     metrics = json.load(open(run / "metrics.json"))
     assert metrics["epochs_run"] == 12 and "prior_test_bits_per_code" in metrics
@@ -265,3 +277,100 @@ def test_resume_after_kill(oasis_root, tmp_path):
                            capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "the VQ-VAE finished before" in again.stdout and "the prior finished before" in again.stdout
+
+
+# ---------------------------------------------------------------------------
+# Faults in the later stages: the prior, sample, evaluate, and a full disk
+
+
+def complete_files(folder):
+    """The files of a folder under their real names, each checked to read back whole."""
+    names = sorted(name for name in os.listdir(folder) if not name.startswith("."))
+    for name in names:
+        path = os.path.join(folder, name)
+        if name.endswith(".png"):
+            tf.io.decode_png(tf.io.read_file(path))
+        elif name.endswith(".nii.gz"):
+            nibabel.load(path).get_fdata()
+        elif name.endswith(".json"):
+            json.load(open(path))
+        elif name.endswith(".html"):
+            assert open(path).read().rstrip().endswith("</html>"), name
+    return names
+
+
+def kill_when(process, ready, timeout=300):
+    """SIGKILL `process` as soon as `ready()` is true."""
+    deadline = time.time() + timeout
+    while not ready():
+        assert process.poll() is None, "it ended before it could be killed:\n" + process.stdout.read()[-2000:]
+        assert time.time() < deadline, "never got ready to be killed"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+
+
+def test_kills_during_the_prior_sample_and_evaluate(oasis_root, tmp_path):
+    def killed_in_the_prior(run):
+        assert (run / "pixelcnn.keras").exists()
+        assert "prior_test_bits_per_code" not in json.load(open(run / "metrics.json"))
+
+    run = tmp_path / "run"
+    result = kill_during("pixelcnn", run, ["--data", oasis_root, "--epochs", "1", "--pcnn-epochs", "15"],
+                         killed_in_the_prior)
+    assert "the VQ-VAE finished before" in result.stdout and "resuming pixelcnn training after epoch" in result.stdout
+    assert stages.read_history(str(run / "pixelcnn_history.csv"))["epoch"] == list(range(15))
+    metrics = json.load(open(run / "metrics.json"))
+    assert metrics["prior_test_bits_per_code"] > 0 and len(os.listdir(run / "samples")) == 2 * 2 + 1
+    assert not (run / "backup").exists() and not [name for name in os.listdir(run) if name.startswith(".")]
+
+    # A killed `sample` leaves only whole files under their real names, and runs again cleanly.
+    out = tmp_path / "samples"
+    command = [sys.executable, "driver.py", "sample", "--run", str(run), "--n", "40", "--batch-size", "1",
+               "--out", str(out)]
+    process = subprocess.Popen(command, cwd=PROJECT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    kill_when(process, lambda: out.exists() and any(name.endswith(".nii.gz") for name in os.listdir(out)))
+    assert len(complete_files(out)) < 81
+    again = subprocess.run(command, cwd=PROJECT, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert len(complete_files(out)) == 2 * 40 + 1
+
+    # A killed `evaluate` leaves metrics.json as it was, and runs again cleanly.
+    before = json.load(open(run / "metrics.json"))
+    command = [sys.executable, "driver.py", "evaluate", "--run", str(run), "--samples", "4", "--batch-size", "4"]
+    process = subprocess.Popen(command, cwd=PROJECT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    kill_when(process, lambda: (run / "evaluation").exists())
+    assert json.load(open(run / "metrics.json")) == before
+    complete_files(run)
+    complete_files(run / "evaluation")
+    again = subprocess.run(command, cwd=PROJECT, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "test_ms_ssim_mean" in json.load(open(run / "metrics.json")) and "report.html" in complete_files(run)
+
+
+def test_full_disk_while_saving_a_model_ends_with_one_line(oasis_root, tmp_path, monkeypatch):
+    import errno
+
+    import keras
+
+    real_save, saves = keras.Model.save, []
+
+    def save_until_the_disk_is_full(model, path, *args, **kwargs):
+        saves.append(path)
+        if len(saves) == 1:
+            return real_save(model, path, *args, **kwargs)
+        with open(path, "wb") as f:  # half a file, then the disk is full
+            f.write(b"PK\x03\x04 half a model")
+        raise OSError(errno.ENOSPC, "No space left on device", path)
+
+    monkeypatch.setattr(keras.Model, "save", save_until_the_disk_is_full)
+    run = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        driver.main(["--data", oasis_root, "--out", str(run), "--epochs", "6", "--pcnn-epochs", "0", *TINY])
+    message = str(exit_info.value.code)
+    assert message.startswith("driver.py: error: cannot write ") and "No space left on device" in message
+    assert "\n" not in message and len(saves) == 2
+    monkeypatch.undo()
+    model = keras.models.load_model(str(run / "vqvae.keras"))  # the model saved before is intact
+    assert model.num_embeddings == 8
+    assert not [name for name in os.listdir(run) if name.startswith(".")]  # no partial file left

@@ -1,4 +1,4 @@
-"""plots.py: atomic writes and the figures."""
+"""plots.py: the figures (and data.py's atomic writes, which every figure goes through)."""
 
 import json
 import os
@@ -7,12 +7,13 @@ import matplotlib.image
 import numpy as np
 import pytest
 
+import files
 import plots
 
 
 def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
     path = str(tmp_path / "metrics.json")
-    plots.write_json(path, {"ssim": 0.9})
+    files.write_json(path, {"ssim": 0.9})
 
     def broken(temporary):
         with open(temporary, "w") as f:
@@ -20,15 +21,15 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
         raise RuntimeError("killed mid-write")
 
     with pytest.raises(RuntimeError):
-        plots.atomic_write(path, broken)
+        files.atomic_write(path, broken)
     assert json.load(open(path)) == {"ssim": 0.9}
     assert os.listdir(tmp_path) == ["metrics.json"]  # no temporary file left behind
-    assert os.stat(path).st_mode & 0o777 == 0o666 & ~plots.UMASK  # not mkstemp's owner-only 0600
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~files.UMASK  # not mkstemp's owner-only 0600
 
 
 def test_atomic_write_keeps_multi_part_suffixes(tmp_path):
     seen = []
-    plots.atomic_write(str(tmp_path / "x.nii.gz"), lambda temporary: seen.append(temporary) or open(temporary, "w"))
+    files.atomic_write(str(tmp_path / "x.nii.gz"), lambda temporary: seen.append(temporary) or open(temporary, "w"))
     assert seen[0].endswith(".nii.gz") and os.path.exists(tmp_path / "x.nii.gz")
 
 

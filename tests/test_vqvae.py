@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import evaluate
+import train
 import vqvae
 
 
@@ -181,7 +183,7 @@ def test_validation_callback_logs_val_metrics():
     model = vqvae.VQVAE(num_embeddings=8, latent_dim=4, filters=(4, 4), num_res_blocks=0)
     model.compile(optimizer=keras.optimizers.Adam(1e-3))
     dataset = tf.data.Dataset.from_tensor_slices(tiny_images(8)).batch(4)
-    history = model.fit(dataset, epochs=2, verbose=0, callbacks=[vqvae.ValidationMetrics(dataset, verbose=0)])
+    history = model.fit(dataset, epochs=2, verbose=0, callbacks=[train.ValidationMetrics(dataset, verbose=0)])
     for name in ("val_ssim", "val_psnr", "val_perplexity", "val_codebook_usage", "val_loss"):
         assert len(history.history[name]) == 2
 
@@ -202,14 +204,17 @@ def test_save_load_round_trip(tmp_path):
 def test_score_split():
     model, _ = fitted_model(epochs=1)
     dataset = tf.data.Dataset.from_tensor_slices(tiny_images(6)).batch(4)
-    ssims, psnrs, stats = vqvae.score_split(model, dataset)
-    assert ssims.shape == (6,) and psnrs.shape == (6,)
+    scores = evaluate.score_split(model, dataset, worst=2)
+    ssims, psnrs, stats = scores["ssim"], scores["psnr"], scores["codebook"]
+    assert ssims.shape == (6,) and psnrs.shape == (6,) and scores["codes"].shape == (6, 4, 4)
     assert np.all(ssims <= 1) and 0 < stats["codebook_usage"] <= 1 and stats["perplexity"] >= 1
+    assert stats["codes_used"] + stats["dead_codes"] == model.num_embeddings
+    assert [item[0] for item in scores["worst"]] == sorted(ssims)[:2]
 
 
 def test_cosine_learning_rate_decays_over_the_epochs():
     model, _ = fitted_model(epochs=1)
-    schedule = vqvae.CosineLearningRate(0.01, epochs=4)
+    schedule = train.CosineLearningRate(0.01, epochs=4)
     schedule.set_model(model)
     schedule.on_train_begin()
     rates = []
@@ -219,7 +224,7 @@ def test_cosine_learning_rate_decays_over_the_epochs():
     np.testing.assert_allclose(rates, [0.01, 0.01 * (0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi / 4))),
                                        0.01 * (0.05 + 0.95 * 0.5), 0.01 * (0.05 + 0.95 * 0.5 * (1 + np.cos(3 * np.pi / 4)))],
                                rtol=1e-5)
-    timed = vqvae.CosineLearningRate(0.01, epochs=100, minutes=1e-6)  # the time budget is already spent
+    timed = train.CosineLearningRate(0.01, epochs=100, minutes=1e-6)  # the time budget is already spent
     timed.set_model(model)
     timed.on_train_begin()
     time.sleep(0.01)
@@ -230,7 +235,7 @@ def test_cosine_learning_rate_decays_over_the_epochs():
 def test_time_limit_stops_before_an_epoch_would_overrun():
     model, _ = fitted_model(epochs=1)
     for minutes, stops in ((1e-5, True), (60.0, False)):
-        limit = vqvae.TimeLimit(minutes)
+        limit = train.TimeLimit(minutes)
         limit.set_model(model)
         model.stop_training = False
         limit.on_train_begin()

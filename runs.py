@@ -1,0 +1,49 @@
+"""The run folder, as later commands find it: its config.json and saved models, checked
+with an error that names the flag and the folder.
+
+`driver.py` writes a run folder (models, config.json, metrics, figures, logs); `reconstruct`,
+`sample`, `evaluate` and `--resume` read it back through these functions, so each check is
+made in one place.
+"""
+
+import os
+
+# Imported by driver.py before TensorFlow may be (quiet.py must come first), so `data`,
+# which imports TensorFlow, is imported where it is used.
+
+
+def require_folder(path, flag="--data"):
+    from data import DataError
+
+    if not os.path.isdir(path):
+        raise DataError(f"{flag} {path}: no such folder")
+    return path
+
+
+def load_config(run_dir, flag="--run"):
+    """A run folder's config.json, as a dict."""
+    from data import DataError
+    from files import read_json
+
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.exists(path):
+        raise DataError(f"{flag} {run_dir}: no config.json there (not a run folder)")
+    return read_json(path)
+
+
+def load_model(run_dir, name, required=True):
+    """RUN/<name>, loaded with plain keras.models.load_model (None if it is missing and
+    not `required`)."""
+    import keras
+
+    import pixelcnn  # noqa: F401  (importing registers the saved classes with Keras)
+    import vqvae  # noqa: F401
+    from data import DataError
+
+    path = os.path.join(run_dir, name)
+    if os.path.exists(path):
+        return keras.models.load_model(path)
+    if required:
+        hint = " (was the run trained with --pcnn-epochs 0?)" if name == "pixelcnn.keras" else ""
+        raise DataError(f"--run {run_dir}: no {name}{hint}")
+    return None

@@ -1,0 +1,70 @@
+"""Sampling: new slices from a trained run's prior, written as PNG and NIfTI files.
+
+    python driver.py sample --run RUN_DIR --n 16 [--temperature 1.0] [--seed 0]
+
+The prior draws code grids with the exact cached `pixelcnn.Sampler`, the VQ-VAE decodes
+them, and every file is written atomically, so a killed command leaves no half-written
+sample under its real name. Training calls `write_samples` too, for its final samples.
+"""
+
+import os
+import time
+
+import nibabel
+import numpy as np
+import tensorflow as tf
+
+import data
+import files
+import pixelcnn
+import plots
+
+
+def sample_batches(model, prior, grid_shape, n, temperature=1.0, seed=0, batch_size=16, progress=None):
+    """n new (H, W, 1) slices in [0, 1], yielded a batch at a time: code grids drawn from
+    the prior, decoded. `progress(rows)` is called with the number of code rows drawn so far."""
+    height, width = grid_shape
+    samplers = {}  # by batch size: a Sampler traces its tf.function once and is reused
+    for batch, first in enumerate(range(0, n, batch_size)):
+        count = min(batch_size, n - first)
+        if count not in samplers:
+            samplers[count] = pixelcnn.Sampler(prior, count, height, width)
+        report = (lambda row, done=batch * height: progress(done + row)) if progress else None
+        codes = samplers[count].sample(temperature, seed + first, progress=report)
+        yield np.clip(model.decode(codes).numpy() - model.shift, 0, 1)
+
+
+def write_samples(model, prior, grid_shape, n, out_dir, temperature=1.0, seed=0, batch_size=16, cmap="gray",
+                  real=None, log_dir=None):
+    """Sample n slices and write OUT/sample_NNN.png and .nii.gz and a grid, samples.png.
+
+    `real` (optional, [0, 1] slices) are shown above the samples for comparison; with
+    `log_dir`, the samples are also shown in TensorBoard."""
+    os.makedirs(out_dir, exist_ok=True)
+    files.remove_stale_temporaries(out_dir)  # an earlier, killed run's
+    height, width = grid_shape
+    print(f"sampling {n} slices ({height}x{width} codes each)", flush=True)
+    progress = data.progress_bar(-(-n // batch_size) * height, "row")
+    start, images = time.time(), []
+    for batch in sample_batches(model, prior, grid_shape, n, temperature, seed, batch_size, progress.update):
+        for image in batch:  # written as each batch is drawn: a killed run keeps what it finished
+            path = os.path.join(out_dir, f"sample_{len(images):03d}")
+            png = tf.io.encode_png(np.round(image * 255).astype(np.uint8))
+            files.atomic_write(path + ".png", lambda temporary: tf.io.write_file(temporary, png))
+            files.atomic_write(path + ".nii.gz", lambda temporary: nibabel.save(
+                nibabel.Nifti1Image(image[..., 0].astype(np.float32), np.eye(4)), temporary))
+            images.append(image)
+    images, seconds = np.stack(images), time.time() - start
+    columns = 8
+    rows = [images[i: i + columns] for i in range(0, min(len(images), 4 * columns), columns)]
+    titles = ["sample"] * len(rows)
+    if real is not None:
+        rows = [np.clip(real[:columns], 0, 1)] + rows
+        titles = ["real"] + titles
+    plots.image_grid(rows, os.path.join(out_dir, "samples.png"), titles, cmap=cmap,
+                     title=f"{n} samples at temperature {temperature} ({seconds:.1f} s)")
+    if log_dir:
+        with tf.summary.create_file_writer(log_dir).as_default():
+            tf.summary.image(f"samples at temperature {temperature}", images, step=0, max_outputs=len(images))
+    print(f"wrote {n} samples to {out_dir} in {seconds:.1f} s", flush=True)
+    return images, seconds

@@ -1,0 +1,482 @@
+"""Training: the two stages of a run, each resumable after a kill, and their callbacks.
+
+    source, image_size, splits = prepare_data(config, cache_dir)
+    model, history, seconds = train_vqvae(config, splits, run_dir, shown, strategy)
+    prior, prior_metrics, codes = train_prior(config, model, splits, run_dir, strategy)
+
+`build_vqvae(config)` and `build_prior(config)` are the one way a model is made from a
+`driver.Config` (the driver, the tests and the benchmarks all use them). `fit_resumably` is
+`model.fit` with what lets a long run survive: a backup `--resume` continues from, a best
+checkpoint written atomically, the history as CSV, a NaN that stops cleanly, and TensorBoard
+logs in RUN/logs/<stage>.
+"""
+
+import csv
+import os
+import shutil
+import sys
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+import cache
+import data
+import evaluate
+import files
+import pixelcnn
+import plots
+import vqvae
+
+
+def build_vqvae(config):
+    """The compiled VQ-VAE of a config (build it inside a tf.distribute scope to distribute it)."""
+    # Layers take the dtype policy in force when they are built: mixed precision for the
+    # VQ-VAE only (the prior and its sampler stay in float32).
+    keras.mixed_precision.set_global_policy("mixed_float16" if config.mixed_precision else "float32")
+    try:
+        model = vqvae.VQVAE(
+            num_embeddings=config.K, latent_dim=config.D, beta=config.beta, filters=config.filters,
+            num_res_blocks=config.res_blocks, ema_decay=config.ema_decay, codebook_init=config.codebook_init,
+            dead_code_steps=config.dead_code_steps, shift=config.shift,
+        )
+        model.compile(optimizer=keras.optimizers.Adam(config.learning_rate), jit_compile=config.jit)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    return model
+
+
+def build_prior(config):
+    """The compiled PixelCNN prior of a config."""
+    prior = pixelcnn.PixelCNN(config.K, config.pcnn_variant, filters=config.pcnn_filters,
+                              num_layers=config.pcnn_layers, num_res_blocks=config.pcnn_res_blocks,
+                              head_units=config.pcnn_head_units or None)
+    prior.compile(optimizer=keras.optimizers.Adam(config.pcnn_learning_rate),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=config.jit)
+    return prior
+
+
+# ---------------------------------------------------------------------------
+# Data and devices
+
+
+def prepare_data(config, cache_dir):
+    """Find the data (writing the demo data if none was given), decode each split once
+    into the cache in `cache_dir`, and build the three splits' datasets."""
+    root = config.data
+    if root is None:
+        import demo
+
+        print(f"no --data given: using the built-in demo data in {config.demo_dir}/", flush=True)
+        root = demo.write_demo_dataset(config.demo_dir, seed=config.seed)
+    source = data.find_source(root, seed=config.seed)
+    downsampling = 2 ** len(config.filters)
+    if config.image_size:
+        image_size = [config.image_size[0], config.image_size[-1]]
+    else:
+        image_size = list(data.default_image_size(source, downsampling, config.slice_axis))
+    print(f"data: {root} ({source.layout} layout), files per split: "
+          + ", ".join(f"{s} {len(f)}" for s, f in source.files.items())
+          + f"; slices resized to {image_size[0]}x{image_size[1]}; cache: {cache_dir}", flush=True)
+    if source.ignored:
+        names = ", ".join(os.path.basename(path) for path in source.ignored[:5])
+        print(f"ignored {len(source.ignored)} file(s) that are not {'PNG' if source.is_png else 'NIfTI'} slices: "
+              f"{names}{', ...' if len(source.ignored) > 5 else ''}", flush=True)
+    manifests = {split: cache.cache_split(source, split, image_size, cache_dir, config.slice_axis,
+                                         config.volume_index, verbose=True)
+                 for split in data.SPLITS}
+    report_skipped(manifests)
+    splits = {split: cache.cached_dataset(manifest, config.batch_size, config.shift, shuffle=(split == "train"),
+                                         seed=config.seed)
+              for split, manifest in manifests.items()}
+    source.slices = {split: manifest["slices"] for split, manifest in manifests.items()}
+    print("slices per split: " + ", ".join(f"{s} {n}" for s, n in source.slices.items()), flush=True)
+    return source, image_size, splits
+
+
+def report_skipped(manifests, shown=10):
+    """Print the files each split skipped, with the reason, and how many."""
+    for split, manifest in manifests.items():
+        skipped = manifest["skipped"]
+        if skipped:
+            print(f"skipped {len(skipped)} of {manifest['files']} files in the {split} split "
+                  f"(listed in {os.path.dirname(manifest['shards'][0])}/manifest.json):", flush=True)
+            for path, reason in skipped[:shown]:
+                print(f"  {path}: {reason}", flush=True)
+            if len(skipped) > shown:
+                print(f"  ... and {len(skipped) - shown} more", flush=True)
+
+
+def take_slices(dataset, count=16, spread_over=None):
+    """`count` slices of a batched dataset as numpy: every (spread_over // count)-th slice,
+    so figures show the whole split rather than its first case (fewer if the split is smaller)."""
+    stride = max(1, (spread_over or count) // count)
+    return np.stack([image.numpy() for image in dataset.unbatch().shard(stride, 0).take(count)])
+
+
+def start_run(config, strategy):
+    """Seed everything, make the run folder and return it (a scratch folder on a non-chief
+    worker of a cluster, which does the same work and throws its outputs away)."""
+    keras.utils.set_random_seed(config.seed)
+    if config.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    run_dir = config.resume or config.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+    if not is_chief(strategy):
+        import tempfile
+
+        run_dir = tempfile.mkdtemp(prefix="worker-")
+    os.makedirs(run_dir, exist_ok=True)
+    if config.resume:
+        files.remove_stale_temporaries(run_dir)
+    return run_dir
+
+
+def print_summary(run_dir, metrics):
+    print(f"\nrun folder: {run_dir}  (TensorBoard: tensorboard --logdir {os.path.join(run_dir, 'logs')})\n"
+          + "\n".join(f"  {k}: {v:.4f}" if isinstance(v, float) else f"  {k}: {v}" for k, v in sorted(metrics.items())),
+          flush=True)
+
+
+def make_strategy(name):
+    """The tf.distribute strategy of --strategy. Created before any other TensorFlow work:
+    MultiWorkerMirroredStrategy must configure the collective ops at start-up."""
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if name == "multiworker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    return tf.distribute.get_strategy()
+
+
+def is_chief(strategy):
+    """Whether this process writes the run folder: always, except on the non-chief workers of
+    a multi-worker cluster (TF_CONFIG), which write to a scratch folder instead."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    task_type = getattr(resolver, "task_type", None)
+    if not task_type or task_type == "chief":
+        return True
+    has_chief = "chief" in resolver.cluster_spec().as_dict()
+    return task_type == "worker" and resolver.task_id == 0 and not has_chief
+
+
+# ---------------------------------------------------------------------------
+# Callbacks
+
+
+class ValidationMetrics(keras.callbacks.Callback):
+    """After each epoch, score the model on the whole validation split with `test_step`
+    (tf.image.ssim per slice, averaged over every slice) and add the results to the epoch's
+    logs as `val_*`, so `ModelCheckpoint(monitor="val_ssim")` can keep the best model."""
+
+    def __init__(self, validation_data, verbose=1):
+        super().__init__()
+        self.validation_data = validation_data
+        self.verbose = verbose
+
+    def on_epoch_end(self, epoch, logs=None):
+        results = self.model.evaluate(self.validation_data, verbose=0, return_dict=True)
+        if logs is not None:
+            logs.update({f"val_{name}": float(value) for name, value in results.items()})
+        if self.verbose:
+            print(f"epoch {epoch + 1}: val_ssim {results['ssim']:.4f}  val_psnr {results['psnr']:.2f} dB  "
+                  f"val_perplexity {results['perplexity']:.1f}  val_codebook_usage {results['codebook_usage']:.1%}",
+                  flush=True)
+
+
+class TimeLimit(keras.callbacks.Callback):
+    """Stop training when another epoch as long as the last one would overrun `minutes`
+    (0 = no limit)."""
+
+    def __init__(self, minutes):
+        super().__init__()
+        self.minutes = minutes
+
+    def on_train_begin(self, logs=None):
+        self.start = self.epoch_start = time.time()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch_start = time.time()
+
+    def on_epoch_end(self, epoch, logs=None):
+        now = time.time()
+        if self.minutes and now - self.start + (now - self.epoch_start) > self.minutes * 60:
+            print(f"time limit: another epoch would pass {self.minutes} minutes; stopping after epoch {epoch + 1}",
+                  flush=True)
+            self.model.stop_training = True
+
+
+class CosineLearningRate(keras.callbacks.Callback):
+    """Decay the learning rate from `base` to `floor * base` along a half cosine over the
+    run's budget: `epochs`, or `minutes` of wall time when that comes first, so a run cut
+    short by a time limit still ends with a small learning rate."""
+
+    def __init__(self, base, epochs, minutes=0.0, floor=0.05):
+        super().__init__()
+        self.base, self.epochs, self.minutes, self.floor = base, epochs, minutes, floor
+
+    def on_train_begin(self, logs=None):
+        self.start = time.time()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        progress = epoch / self.epochs
+        if self.minutes:
+            progress = max(progress, (time.time() - self.start) / (self.minutes * 60))
+        scale = self.floor + (1 - self.floor) * 0.5 * (1 + np.cos(np.pi * min(progress, 1.0)))
+        self.model.optimizer.learning_rate.assign(self.base * scale)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs["learning_rate"] = float(self.model.optimizer.learning_rate.numpy())
+
+
+class ReconstructionImages(keras.callbacks.Callback):
+    """Every `every` epochs (0: never), show TensorBoard fixed slices beside their reconstructions."""
+
+    def __init__(self, images, log_dir, shift, every=1):
+        super().__init__()
+        self.images, self.shift, self.every = images, shift, every
+        self.writer = tf.summary.create_file_writer(log_dir)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.every and (epoch + 1) % self.every == 0:
+            reconstructions = np.clip(self.model(self.images, training=False).numpy() - self.shift, 0, 1)
+            pairs = np.concatenate([np.clip(self.images - self.shift, 0, 1), reconstructions], axis=2)
+            with self.writer.as_default():
+                tf.summary.image("validation slices | reconstructions", pairs, step=epoch, max_outputs=len(pairs))
+            self.writer.flush()
+
+
+class BitsPerCode(keras.callbacks.Callback):
+    """Add the prior's bits per code to the logs, print them and plot the whole history."""
+
+    def __init__(self, history, path, title, log2_k):
+        super().__init__()
+        self.history, self.path, self.title, self.log2_k = history, path, title, log2_k
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs["bits_per_code"] = pixelcnn.bits_per_code(logs["loss"])
+        logs["val_bits_per_code"] = pixelcnn.bits_per_code(logs["val_loss"])
+        for key, value in logs.items():
+            self.history.setdefault(key, []).append(float(value))
+        print(f"prior epoch {epoch + 1}: val bits per code {logs['val_bits_per_code']:.3f} "
+              f"(log2 K = {self.log2_k:.2f})", flush=True)
+        plots.plot_losses(self.history, self.path, keys=("bits_per_code", "val_bits_per_code"), title=self.title)
+
+
+# ---------------------------------------------------------------------------
+# Resumable training
+
+
+def read_history(path):
+    """A CSVLogger file as {column: [float, ...]} (empty if there is none)."""
+    rows = read_history_rows(path)
+    return {key: [float(row[key]) if row[key] not in ("", None) else float("nan") for row in rows]
+            for key in (rows[0].keys() if rows else [])}
+
+
+def read_history_rows(path):
+    """The complete rows of a CSVLogger file as dicts (a row a kill cut short is left out)."""
+    if not os.path.exists(path):
+        return []
+    with open(path, newline="") as f:
+        return [row for row in csv.DictReader(f) if row.get("epoch", "").strip().isdigit()
+                and None not in row.values() and None not in row]
+
+
+def resume_point(run_dir, name, history_file):
+    """How many epochs of stage `name` a killed run completed (from BackupAndRestore's
+    backup), with the history file cut back to those epochs; 0 and no history file for a
+    fresh start."""
+    backup = os.path.join(run_dir, "backup", name, "training_metadata.json")
+    history_path = os.path.join(run_dir, history_file)
+    done = 0
+    if os.path.exists(backup):
+        done = int(files.read_json(backup)["epoch"])
+    if not done:
+        if os.path.exists(history_path):
+            os.remove(history_path)
+        return 0
+    # An epoch logged after the last backup is trained again: drop its row.
+    kept = [row for row in read_history_rows(history_path) if int(row["epoch"]) < done]
+    files.write_csv(history_path, list(kept[0]) if kept else ["epoch"], [list(row.values()) for row in kept])
+    print(f"resuming {name} training after epoch {done} (backup in {os.path.dirname(backup)})", flush=True)
+    return done
+
+
+class PublishCheckpoint(keras.callbacks.Callback):
+    """Move a checkpoint ModelCheckpoint has just written to `partial` over `final` in one
+    step, so a kill mid-save never leaves a half-written model."""
+
+    def __init__(self, partial, final):
+        super().__init__()
+        self.partial, self.final = partial, final
+
+    def on_epoch_end(self, epoch, logs=None):
+        if os.path.exists(self.partial):
+            os.replace(self.partial, self.final)
+
+
+def fit_resumably(model, dataset, run_dir, name, history_file, epochs, monitor, mode, callbacks,
+                  validation_data=None, log_dir=None):
+    """`model.fit` with what lets a run survive a kill and a NaN loss:
+
+    * BackupAndRestore in RUN/backup/<name> (the last callback, so a backed-up epoch has
+      its checkpoint and history row written), which --resume picks up; removed once the
+      stage ends;
+    * ModelCheckpoint of the best `monitor` to RUN/<name>.keras, written atomically and
+      never beaten by a worse epoch after a resume (initial_value_threshold);
+    * CSVLogger, appending when resuming; TensorBoard in `log_dir` (default RUN/logs/<name>);
+    * TerminateOnNaN.
+
+    Returns the whole history (earlier processes' epochs too) and whether NaN stopped it."""
+    partial = os.path.join(run_dir, f".{name}-partial.keras")
+    history_path = os.path.join(run_dir, history_file)
+    best = best_score(read_history(history_path).get(monitor), mode)
+    backup = os.path.join(run_dir, "backup")
+    callbacks = list(callbacks) + [
+        # After the callbacks that add val_* scores and the learning rate to the logs.
+        keras.callbacks.TensorBoard(log_dir or os.path.join(run_dir, "logs", name), write_graph=False,
+                                    profile_batch=0),
+        keras.callbacks.ModelCheckpoint(partial, monitor=monitor, mode=mode, save_best_only=True,
+                                        initial_value_threshold=best),
+        PublishCheckpoint(partial, os.path.join(run_dir, f"{name}.keras")),
+        keras.callbacks.CSVLogger(history_path, append=True),
+        keras.callbacks.TerminateOnNaN(),
+        keras.callbacks.BackupAndRestore(os.path.join(backup, name), double_checkpoint=True),
+    ]
+    try:
+        fitted = model.fit(dataset, validation_data=validation_data, epochs=epochs, callbacks=callbacks,
+                           shuffle=False, verbose=1 if sys.stdout.isatty() else 2)  # the datasets shuffle themselves
+    finally:
+        if os.path.exists(partial):  # a save that failed (a full disk): the last good model stays
+            os.remove(partial)
+    shutil.rmtree(os.path.join(backup, name), ignore_errors=True)
+    if os.path.isdir(backup) and not os.listdir(backup):
+        os.rmdir(backup)
+    losses = fitted.history.get("loss", [])
+    stopped_on_nan = bool(losses) and not np.isfinite(losses[-1])
+    history = read_history(history_path)
+    if stopped_on_nan:
+        scores = np.asarray(history.get(monitor, [np.nan]), dtype=float)
+        kept = "no epoch finished with a finite score"
+        if np.isfinite(scores).any():
+            kept = f"keeping the best model ({name}.keras, epoch {int(best_epoch(scores, mode)) + 1})"
+        print(f"\n{name}: the training loss became NaN in epoch {len(scores)}; training stopped, {kept}. "
+              f"A lower learning rate usually avoids this.", flush=True)
+    return history, stopped_on_nan
+
+
+def best_epoch(scores, mode):
+    return np.nanargmax(scores) if mode == "max" else np.nanargmin(scores)
+
+
+def best_score(scores, mode):
+    """The best finite score of a history column (None if there is none)."""
+    scores = np.asarray(scores if scores else [np.nan], dtype=float)
+    return float(scores[best_epoch(scores, mode)]) if np.isfinite(scores).any() else None
+
+
+# ---------------------------------------------------------------------------
+# The two stages
+
+
+def train_vqvae(config, splits, run_dir, shown, strategy):
+    """Train the VQ-VAE (resuming a killed run's backup, if there is one); `shown` are the
+    validation slices drawn in the progress grids."""
+    resume_point(run_dir, "vqvae", "history.csv")
+    with strategy.scope():
+        model = build_vqvae(config)
+    callbacks = [
+        CosineLearningRate(config.learning_rate, config.epochs, config.max_minutes),
+        ValidationMetrics(splits["validate"]),
+        TimeLimit(config.max_minutes),
+        plots.TrainingPlots(run_dir, read_history(os.path.join(run_dir, "history.csv"))),
+        plots.ReconstructionGrids(shown, run_dir, config.shift, config.grid_every, config.cmap),
+        ReconstructionImages(shown, os.path.join(run_dir, "logs", "vqvae", "reconstructions"), config.shift,
+                             config.grid_every),
+    ]
+    start = time.time()
+    history, stopped_on_nan = fit_resumably(model, splits["train"], run_dir, "vqvae", "history.csv", config.epochs,
+                                            "val_ssim", "max", callbacks)
+    seconds = time.time() - start
+    best_path = os.path.join(run_dir, "vqvae.keras")
+    if not stopped_on_nan:
+        files.atomic_write(os.path.join(run_dir, "vqvae_last.keras"), model.save)
+    if not os.path.exists(best_path) or not np.isfinite(history.get("val_ssim", [np.nan])).any():
+        raise RuntimeError("training produced no finite validation SSIM, so no best model was saved"
+                           + (" (the loss became NaN: try a lower --learning-rate)" if stopped_on_nan else ""))
+    return keras.models.load_model(best_path), history, seconds
+
+
+def score_vqvae(model, splits, run_dir, history, config, shown):
+    """Score the best model on the whole test split and write the final figures of the
+    test slices `shown`."""
+    scores = evaluate.score_split(model, splits["test"])
+    ssims = scores["ssim"]
+    metrics = {
+        "val_ssim_best": float(np.nanmax(history["val_ssim"])),
+        "best_epoch": int(np.nanargmax(history["val_ssim"])) + 1,
+        "test_ssim_mean": float(ssims.mean()),
+        "test_ssim_std": float(ssims.std()),
+        "test_ssim_min": float(ssims.min()),
+        "test_psnr_mean": float(scores["psnr"][np.isfinite(scores["psnr"])].mean()),
+        "test_slices": int(ssims.size),
+        "codebook_usage": scores["codebook"]["codebook_usage"],
+        "perplexity": scores["codebook"]["perplexity"],
+    }
+    reconstructions, indices = model.reconstruct(shown)
+    plots.reconstruction_grid(shown - config.shift, reconstructions.numpy() - config.shift,
+                              os.path.join(run_dir, "reconstructions.png"), cmap=config.cmap,
+                              title=f"test slices: mean SSIM over the whole test split {metrics['test_ssim_mean']:.3f}")
+    plots.code_map_figure(shown[:4] - config.shift, indices.numpy()[:4], config.K,
+                          os.path.join(run_dir, "code_maps.png"))
+    return metrics
+
+
+def encode_split(model, dataset):
+    """The (N, h, w) int32 code grids of every slice in a split."""
+    return np.concatenate([model.encode(images).numpy() for images in dataset])
+
+
+def code_dataset(grids, batch_size, shuffle=False, seed=0):
+    """(codes, codes) batches of (N, h, w) code grids: a PixelCNN predicts its own input."""
+    dataset = tf.data.Dataset.from_tensor_slices((grids, grids))
+    if shuffle:
+        dataset = dataset.shuffle(len(grids), seed=seed)
+    return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def train_prior(config, model, splits, run_dir, strategy):
+    """Fit a PixelCNN to the code grids of the train split, validated on the validate split
+    (resuming a killed run's backup, if there is one)."""
+    codes_path = os.path.join(run_dir, "codes.npz")
+    if resume_point(run_dir, "pixelcnn", "pixelcnn_history.csv") and os.path.exists(codes_path):
+        codes = dict(np.load(codes_path))
+    else:
+        print(f"\nencoding the splits into code grids for the {config.pcnn_variant} PixelCNN prior", flush=True)
+        codes = {split: encode_split(model, dataset) for split, dataset in splits.items()}
+        files.atomic_write(codes_path, lambda path: np.savez_compressed(path, **codes))
+    with strategy.scope():
+        prior = build_prior(config)
+    history_path = os.path.join(run_dir, "pixelcnn_history.csv")
+    callbacks = [CosineLearningRate(config.pcnn_learning_rate, config.pcnn_epochs),
+                 BitsPerCode(read_history(history_path), os.path.join(run_dir, "pixelcnn_loss.png"),
+                             f"{config.pcnn_variant} PixelCNN: bits per code", np.log2(config.K))]
+    start = time.time()
+    history, _ = fit_resumably(prior, code_dataset(codes["train"], config.pcnn_batch_size, True, config.seed),
+                               run_dir, "pixelcnn", "pixelcnn_history.csv", config.pcnn_epochs, "val_loss", "min",
+                               callbacks, validation_data=code_dataset(codes["validate"], config.pcnn_batch_size),
+                               log_dir=os.path.join(run_dir, "logs", "prior"))
+    seconds = time.time() - start
+    path = os.path.join(run_dir, "pixelcnn.keras")
+    if not os.path.exists(path):
+        raise RuntimeError("the prior's validation loss was never finite, so no prior was saved")
+    prior = keras.models.load_model(path)
+    return prior, {
+        "prior_variant": config.pcnn_variant,
+        "prior_parameters": int(prior.count_params()),
+        "prior_val_bits_per_code": float(np.nanmin(history["val_bits_per_code"])),
+        "prior_test_bits_per_code": evaluate.prior_bits_per_code(prior, codes["test"]),
+        "log2_K": float(np.log2(config.K)),
+        "prior_train_seconds": round(seconds, 1),
+    }, codes
