@@ -363,16 +363,26 @@ def decoded_slices(source, split, image_size, slice_axis=-1, volume_index=0):
     files skipped as (path, reason)."""
     files = source.files[split]
     skipped = []
-    if source.is_png:
-        files, skipped = readable_images(files)
-        if source.layout == "oasis":
-            dataset = png_dataset(os.path.join(source.root, OASIS_DIRS[split]), image_size)
-        else:
-            dataset = tf.data.Dataset.from_tensor_slices(files).map(
-                lambda path: fit_to_size(decode_png(path), image_size), num_parallel_calls=tf.data.AUTOTUNE)
+    if not source.is_png:
+        return nifti_dataset(files, image_size, slice_axis, volume_index, skipped), skipped
+    if source.layout == "oasis":
+        dataset = png_dataset(os.path.join(source.root, OASIS_DIRS[split]), image_size)
     else:
-        dataset = nifti_dataset(files, image_size, slice_axis, volume_index, skipped)
-    return dataset, skipped
+        dataset = tf.data.Dataset.from_tensor_slices(files).map(
+            lambda path: fit_to_size(decode_png(path), image_size), num_parallel_calls=tf.data.AUTOTUNE)
+    return naming_unreadable(dataset.ignore_errors(), files, skipped), skipped
+
+
+def naming_unreadable(dataset, files, skipped):
+    """Yield a PNG dataset's slices (each file decoded once); if fewer came out than there
+    are files, find the ones that could not be decoded and add them to `skipped` with their
+    reasons (only then is each file decoded a second time)."""
+    count = 0
+    for image in dataset:
+        count += 1
+        yield image
+    if count < len(files):
+        skipped.extend(readable_images(files)[1])
 
 
 def progress_bar(total, unit_name, verbose=True):

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Re-run the real-data runs behind the README's numbers and figures, and copy the figures
 # into resources/. About 4 hours on 2 CPU cores. DATA defaults to ../shared/data.
-# The report screenshot needs a headless Chromium (Debian: apt-get install chromium).
+# The report and TensorBoard screenshots need a headless Chromium (Debian: apt-get install chromium).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-../shared/data}
@@ -31,3 +31,15 @@ for name in ssim reconstructions code_maps; do
 done
 chromium --headless --no-sandbox --hide-scrollbars --window-size=1200,2200 \
     --screenshot="$PWD/resources/report_screenshot.png" "file://$PWD/$OUT-oasis/report.html"
+
+# TensorBoard on a short real run, screenshotted by headless Chromium.
+python driver.py --data "$DATA/oasis_like" --epochs 5 --pcnn-epochs 3 --out "$OUT-tensorboard"
+tensorboard --logdir "$OUT-tensorboard/logs" --host 127.0.0.1 --port 6006 &
+TENSORBOARD=$!
+sleep 10
+SHOT="chromium --headless --no-sandbox --disable-gpu --hide-scrollbars --virtual-time-budget=20000"
+$SHOT --window-size=1400,820 --screenshot="$PWD/resources/tensorboard_scalars.png" \
+    "http://127.0.0.1:6006/?darkMode=false#scalars&tagFilter=epoch_(ssim%7Clearning_rate%7Cbits_per_code)&_smoothingWeight=0"
+$SHOT --window-size=1400,800 --screenshot="$PWD/resources/tensorboard_images.png" \
+    "http://127.0.0.1:6006/?darkMode=false#images&tagFilter=validation"
+kill $TENSORBOARD
