@@ -60,12 +60,19 @@ class Config:
     pcnn_epochs: int = option(5, "PixelCNN prior training epochs (0 = train no prior)")
     pcnn_learning_rate: float = option(3e-3, "PixelCNN Adam learning rate at the start, decayed along a half cosine "
                                              "to 5% of it over --pcnn-epochs")
-    pcnn_variant: str = option("gated", "'gated' (vertical and horizontal stacks, no blind spot) or 'plain' (keras.io)")
+    pcnn_variant: str = option("gated", "'gated' (vertical and horizontal stacks, no blind spot), 'plain' (keras.io) or "
+                                        "'hierarchical' (a gated prior over a coarse top grid, then a gated one over the "
+                                        "codes given it)")
     pcnn_filters: int = option(35, "PixelCNN channels")
     pcnn_layers: int = option(3, "gated layers ('gated'), or 1x1 mask-B layers after the residual blocks ('plain')")
     pcnn_res_blocks: int = option(2, "residual blocks with 3x3 mask-B convolutions ('plain' only)")
     pcnn_head_units: int = option(140, "width of the PixelCNN's 1x1 layer before the logits (0 = --pcnn-filters)")
     pcnn_batch_size: int = option(32, "code grids per PixelCNN batch")
+    pcnn_top_codes: int = option(64, "hierarchical prior: codes of the top grid (k-means of blocks of code vectors)")
+    pcnn_top_factor: int = option(4, "hierarchical prior: a top code summarises this many codes along each side")
+    pcnn_top_filters: int = option(64, "hierarchical prior: channels of the top PixelCNN (its head is 4x as wide)")
+    pcnn_top_layers: int = option(12, "hierarchical prior: gated layers of the top PixelCNN")
+    pcnn_top_epochs: int = option(30, "hierarchical prior: training epochs of the top PixelCNN")
     samples: int = option(16, "new slices sampled at the end of the run")
     temperature: float = option(1.0, "sampling temperature (< 1: more typical samples, > 1: more varied)")
     cache: str = option(None, "folder for the decoded slices (TFRecord shards, 2 bytes per pixel), reused by any run "
@@ -140,7 +147,7 @@ EVALUATE = ("evaluate", "Score a trained run on the whole test split (SSIM, PSNR
             "per code, and samples against real slices) and write RUN/metrics.json and a self-contained "
             "RUN/report.html.", "run folder holding vqvae.keras (and pixelcnn.keras)", [
                 ("--data", str, None, "data root whose test split is scored (default: the run's own data)"),
-                ("--samples", int, 16, "slices to sample and compare with real ones; 0 = skip"),
+                ("--samples", int, 160, "slices to sample and compare with real ones (150+ for the C2ST); 0 = skip"),
                 ("--temperature", float, 1.0, "sampling temperature"), ("--seed", int, 0, "sampling seed"),
                 ("--batch-size", int, 16, "slices per batch")])
 
@@ -172,7 +179,10 @@ def validate(config):
         (c.volume_index >= 0, f"--volume-index must be >= 0, got {c.volume_index}"),
         (c.pcnn_epochs >= 0, f"--pcnn-epochs must be >= 0, got {c.pcnn_epochs}"),
         (c.pcnn_learning_rate > 0, f"--pcnn-learning-rate must be > 0, got {c.pcnn_learning_rate}"),
-        (c.pcnn_variant in ("plain", "gated"), f"--pcnn-variant must be 'plain' or 'gated', got {c.pcnn_variant!r}"),
+        (c.pcnn_variant in ("plain", "gated", "hierarchical"),
+         f"--pcnn-variant must be 'plain', 'gated' or 'hierarchical', got {c.pcnn_variant!r}"),
+        (min(c.pcnn_top_codes, c.pcnn_top_factor, c.pcnn_top_filters, c.pcnn_top_layers, c.pcnn_top_epochs) >= 2,
+         "--pcnn-top-codes, --pcnn-top-factor, --pcnn-top-filters, --pcnn-top-layers and --pcnn-top-epochs must be >= 2"),
         (c.pcnn_filters >= 2, f"--pcnn-filters must be >= 2, got {c.pcnn_filters}"),
         (c.pcnn_layers >= (1 if c.pcnn_variant == "gated" else 0), f"--pcnn-layers must be >= 1 for the gated prior, "
                                                                     f">= 0 for the plain one, got {c.pcnn_layers}"),

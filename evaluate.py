@@ -220,15 +220,13 @@ def score_split(model, dataset, ms_settings=None, worst=0):
 
 
 def prior_bits_per_code(prior, grids, batch_size=32):
-    """The prior's mean cross-entropy over every code of (N, h, w) grids, in bits."""
-    import keras
-
+    """The prior's mean negative log-likelihood per code of (N, h, w) grids, in bits (for
+    a hierarchical prior, the top and bottom grids' total per bottom code)."""
     import pixelcnn
 
-    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    total = sum(float(loss(batch, prior(batch))) * len(batch)
-                for batch in np.array_split(grids, max(1, -(-len(grids) // batch_size))))
-    return float(pixelcnn.bits_per_code(total / len(grids)))
+    total = sum(float(tf.reduce_sum(prior.code_nll(batch))) for batch in
+                np.array_split(grids, max(1, -(-len(grids) // batch_size))))
+    return float(pixelcnn.bits_per_code(total / np.size(grids)))
 
 
 def split_images(dataset, shift):
@@ -353,27 +351,32 @@ def reconstruction_report(model, dataset, out, cmap="gray"):
 
 
 def sample_report(model, prior, splits, test_grids, samples, temperature, seed, out, cmap="gray"):
-    """Sample slices and score them against real test slices (nearest training slice,
-    diversity, code histogram); returns the metrics and the path of their figure."""
-    import pixelcnn
+    """Sample slices and score them against real test slices (realism: C2ST against the
+    real-vs-real control and anatomy statistics; nearest training slice, diversity, code
+    histogram); returns the metrics and the path of their figure."""
+    import hierarchy
     import plots
+    import realism
 
     print(f"sampling {samples} slices and comparing them with real ones", flush=True)
-    sample_codes = pixelcnn.Sampler(prior, samples, *test_grids.shape[1:]).sample(temperature, seed).numpy()
+    sample_codes = hierarchy.sampler_for(prior, samples, *test_grids.shape[1:]).sample(temperature, seed).numpy()
     generated = np.clip(model.decode(sample_codes).numpy()[..., 0] - model.shift, 0, 1)
     test = split_images(splits["test"], model.shift)
     real = test[np.linspace(0, len(test) - 1, min(samples, len(test))).astype(int)]
     train_batches = (images.numpy() - model.shift for images in splits["train"].rebatch(256))
     nearest, _, nearest_images = nearest_neighbours(np.concatenate([generated, real]), train_batches)
     sample_nn, real_nn = nearest[: len(generated)], nearest[len(generated):]
-    metrics = {
+    print(f"realism: a classifier two-sample test of {len(generated)} samples against {len(test)} test slices, "
+          "and of the validation slices against them (the control)", flush=True)
+    metrics = realism.realism_metrics(generated, test, split_images(splits["validate"], model.shift), seed)
+    metrics.update({
         "samples": int(samples), "sample_temperature": float(temperature),
         "samples_nn_ssim_mean": float(sample_nn.mean()), "samples_nn_ssim_max": float(sample_nn.max()),
         "real_nn_ssim_mean": float(real_nn.mean()), "real_nn_ssim_max": float(real_nn.max()),
         "samples_pairwise_ssim": mean_pairwise_ssim(generated), "real_pairwise_ssim": mean_pairwise_ssim(real),
         "code_histogram_js_bits": js_divergence(code_counts(sample_codes, model.num_embeddings),
                                                 code_counts(test_grids, model.num_embeddings)),
-    }
+    })
     figure = os.path.join(out, "samples_nearest.png")
     order = np.argsort(-sample_nn)[:8]
     plots.image_grid([generated[order], nearest_images[order]], figure, ["sample", "nearest train"], cmap=cmap,
@@ -383,4 +386,6 @@ def sample_report(model, prior, splits, test_grids, samples, temperature, seed, 
 
 
 SAMPLE_KEYS = ("samples", "sample_temperature", "samples_nn_ssim_mean", "samples_nn_ssim_max", "real_nn_ssim_mean",
-               "real_nn_ssim_max", "samples_pairwise_ssim", "real_pairwise_ssim", "code_histogram_js_bits")
+               "real_nn_ssim_max", "samples_pairwise_ssim", "real_pairwise_ssim", "code_histogram_js_bits",
+               "c2st_samples_vs_real", "c2st_real_vs_real", "c2st_slices", *(f"{who}_{statistic}" for who in (
+                   "samples", "real") for statistic in ("near_empty", "one_piece", "solidity", "symmetry")))

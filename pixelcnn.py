@@ -145,13 +145,22 @@ class PixelCNN(keras.Model):
     The network is written once, as `vertical(x, conv)` and `horizontal(x, v, conv)`, where
     `conv(layer, tensor)` applies a masked convolution and `x` is the embedded code grid.
     Training passes a `conv` that runs the layer on the whole grid; `Sampler` passes ones
-    that run it on one row or one position from its caches."""
+    that run it on one row or one position from its caches.
+
+    With `condition_classes` > 0 (gated only) the prior is conditional (van den Oord et al.
+    2016, section 2.3): it takes `(codes, condition)`, where `condition` is a coarser
+    (B, h / condition_factor, w / condition_factor) int grid; its embedding, repeated up to
+    the code grid, is added through its own 1x1 layers into both stacks of every gated layer.
+    The condition is given whole (it is not predicted), so it may look anywhere."""
 
     def __init__(self, num_embeddings, variant="gated", filters=128, num_layers=8, num_res_blocks=2,
-                 kernel_size=3, first_kernel_size=7, head_units=None, **kwargs):
+                 kernel_size=3, first_kernel_size=7, head_units=None, condition_classes=0, condition_factor=1,
+                 condition_units=32, **kwargs):
         super().__init__(**kwargs)
         if variant not in ("plain", "gated"):
             raise ValueError(f"variant must be 'plain' or 'gated', got {variant!r}")
+        if int(condition_classes) and variant != "gated":
+            raise ValueError("only the gated PixelCNN takes a condition")
         if int(num_embeddings) < 2:
             raise ValueError(f"num_embeddings must be >= 2, got {num_embeddings}")
         if int(num_layers) < (1 if variant == "gated" else 0) or int(num_res_blocks) < 0:
@@ -165,6 +174,8 @@ class PixelCNN(keras.Model):
         self.first_kernel_size = int(first_kernel_size)
         # Width of the 1x1 layer before the logits (default: `filters`).
         self.head_units = int(head_units or filters)
+        self.condition_classes, self.condition_factor = int(condition_classes), int(condition_factor)
+        self.condition_units = int(condition_units)
 
         f = self.filters
         self.embedding = layers.Embedding(self.num_embeddings, f, name="embedding")
@@ -187,9 +198,18 @@ class PixelCNN(keras.Model):
                  layers.Dense(f, name=f"gated{i}_out"))
                 for i in range(self.num_layers)
             ]
+        if self.condition_classes:
+            self.condition_embedding = layers.Embedding(self.condition_classes, self.condition_units,
+                                                        name="condition_embedding")
+            self.condition_layers = [(layers.Dense(2 * f, use_bias=False, name=f"gated{i}_condition_vertical"),
+                                      layers.Dense(2 * f, use_bias=False, name=f"gated{i}_condition_horizontal"))
+                                     for i in range(self.num_layers)]
         self.head = layers.Dense(self.head_units, activation="relu", name="head")
         self.logits = layers.Dense(self.num_embeddings, name="logits")
-        self(tf.zeros((1, 1, 1), tf.int32))  # create every weight now, so the model saves and loads as is
+        # Create every weight now, so the model saves and loads as is.
+        side = max(1, self.condition_factor)
+        codes = tf.zeros((1, side, side), tf.int32)
+        self((codes, tf.zeros((1, 1, 1), tf.int32)) if self.condition_classes else codes)
 
     @property
     def masked_convs(self):
@@ -197,21 +217,32 @@ class PixelCNN(keras.Model):
             return [self.first] + [block[1] for block in self.res_blocks] + self.pixel_layers
         return [layer for block in self.gated_layers for layer in block[:2]]
 
-    def vertical(self, x, conv):
+    def condition_terms(self, condition):
+        """What a (B, h / f, w / f) condition grid adds to each gated layer: a list of
+        (vertical, horizontal) (B, h, w, 2 * filters) terms."""
+        c = self.condition_embedding(condition)
+        c = tf.repeat(tf.repeat(c, self.condition_factor, axis=1), self.condition_factor, axis=2)
+        return [(to_vertical(c), to_horizontal(c)) for to_vertical, to_horizontal in self.condition_layers]
+
+    def vertical(self, x, conv, condition=None):
         """The vertical stack's pre-gate activations, one per gated layer (none for plain).
+        `condition(layer_index, stack)` gives the condition's term (stack 0: vertical), if any.
 
         Row i of these depends on rows < i of the codes only."""
         if self.variant == "plain":
             return []
         pre_activations, v = [], x
-        for vertical_conv, *_ in self.gated_layers:
+        for index, (vertical_conv, *_) in enumerate(self.gated_layers):
             v_pre = conv(vertical_conv, v)
+            if condition:
+                v_pre = v_pre + condition(index, 0)
             pre_activations.append(v_pre)
             v = gate(v_pre)
         return pre_activations
 
-    def horizontal(self, x, v_pre_activations, conv):
-        """Logits from the embedded codes `x` and the vertical stack's activations."""
+    def horizontal(self, x, v_pre_activations, conv, condition=None):
+        """Logits from the embedded codes `x` and the vertical stack's activations
+        (`condition` as in `vertical`, stack 1)."""
         if self.variant == "plain":
             h = tf.nn.relu(conv(self.first, x))
             for into, masked, out in self.res_blocks:
@@ -222,7 +253,8 @@ class PixelCNN(keras.Model):
             h = x
             for index, ((_, horizontal_conv, v_to_h, out), v_pre) in enumerate(
                     zip(self.gated_layers, v_pre_activations)):
-                h_new = out(gate(conv(horizontal_conv, h) + v_to_h(v_pre)))
+                h_pre = conv(horizontal_conv, h) + v_to_h(v_pre)
+                h_new = out(gate(h_pre + condition(index, 1) if condition else h_pre))
                 # No residual on the first layer: its input holds the very code being predicted.
                 h = h_new if index == 0 else h + h_new
             # tf.maximum, not tf.nn.relu: grappler's oneDNN remapper fuses Dense + add + relu
@@ -230,17 +262,27 @@ class PixelCNN(keras.Model):
             h = tf.maximum(h, 0.0)
         return self.logits(self.head(h))
 
-    def call(self, codes):
+    def call(self, inputs):
+        """(B, h, w) codes, or (codes, condition) for a conditional prior -> (B, h, w, K) logits."""
+        codes, condition = inputs if self.condition_classes else (inputs, None)
         x = self.embedding(codes)
         whole_grid = lambda layer, tensor: layer(tensor)  # noqa: E731
-        return self.horizontal(x, self.vertical(x, whole_grid), whole_grid)
+        terms = self.condition_terms(condition) if self.condition_classes else None
+        add = (lambda index, stack: terms[index][stack]) if terms else None  # noqa: E731
+        return self.horizontal(x, self.vertical(x, whole_grid, add), whole_grid, add)
+
+    def code_nll(self, inputs):
+        """(B, h, w) negative log-likelihood, in nats, of each code given the codes before it."""
+        codes = inputs[0] if self.condition_classes else inputs
+        return tf.nn.sparse_softmax_cross_entropy_with_logits(tf.cast(codes, tf.int32), self(inputs))
 
     def get_config(self):
         return {
             "num_embeddings": self.num_embeddings, "variant": self.variant, "filters": self.filters,
             "num_layers": self.num_layers, "num_res_blocks": self.num_res_blocks,
             "kernel_size": self.kernel_size, "first_kernel_size": self.first_kernel_size,
-            "head_units": self.head_units, "name": self.name,
+            "head_units": self.head_units, "condition_classes": self.condition_classes,
+            "condition_factor": self.condition_factor, "condition_units": self.condition_units, "name": self.name,
         }
 
 
@@ -290,13 +332,35 @@ class Sampler(tf.Module):
         self.vertical_rows = [tf.Variable(tf.zeros((self.width, self.batch_size, 2 * model.filters)),
                                           trainable=False)
                               for _ in range(model.num_layers if model.variant == "gated" else 0)]
+        # A conditional prior's condition terms, laid out (row, column, batch, channel) like the caches.
+        self.condition = [[tf.Variable(tf.zeros((self.height, self.width, self.batch_size, 2 * model.filters)),
+                                       trainable=False) for _ in range(2)]
+                          for _ in range(model.num_layers if model.condition_classes else 0)]
         self.codes = tf.Variable(tf.zeros((self.height, self.width, self.batch_size), tf.int32), trainable=False)
         self.logits = tf.Variable(tf.zeros((self.height, self.width, self.batch_size, model.num_embeddings)),
                                   trainable=False)
 
-    def reset(self):
+    def reset(self, condition=None):
         for variable in [self.inputs, self.codes, self.logits, *self.buffers.values(), *self.vertical_rows]:
             variable.assign(tf.zeros_like(variable))
+        if self.condition:
+            if condition is None:
+                raise ValueError("this prior is conditional: give sample() its condition grid")
+            for variables, terms in zip(self.condition, self.model.condition_terms(tf.constant(condition))):
+                for variable, term in zip(variables, terms):
+                    variable.assign(tf.transpose(term, (1, 2, 0, 3)))
+
+    def _row_condition(self, i):
+        """A conditional prior's terms for all of row i, as (B, 1, W, 2 * filters)."""
+        if not self.condition:
+            return None
+        return lambda index, stack: tf.transpose(tf.gather(self.condition[index][stack], i), (1, 0, 2))[:, None]
+
+    def _position_condition(self, i, j):
+        """A conditional prior's terms at position (i, j), as (B, 2 * filters)."""
+        if not self.condition:
+            return None
+        return lambda index, stack: self.condition[index][stack][i, j]
 
     def _source(self, layer, tensor):
         """The buffer a layer reads from: the embedded codes, or its own input buffer."""
@@ -344,20 +408,21 @@ class Sampler(tf.Module):
     def sample_row(self, i, temperature, seed):
         """Draw row i of the codes (every earlier row must have been drawn)."""
         p, model = self.pad, self.model
-        for variable, v_pre in zip(self.vertical_rows, model.vertical(None, self._row_conv(i))):
+        for variable, v_pre in zip(self.vertical_rows, model.vertical(None, self._row_conv(i), self._row_condition(i))):
             variable.assign(tf.transpose(v_pre[:, 0], (1, 0, 2)))
         for j in tf.range(self.width):
             v_pre = [tf.gather(variable, j) for variable in self.vertical_rows]
-            logits = model.horizontal(None, v_pre, self._position_conv(i, j))
+            logits = model.horizontal(None, v_pre, self._position_conv(i, j), self._position_condition(i, j))
             codes = draw(logits, temperature, tf.random.experimental.stateless_fold_in(seed, i * self.width + j))
             self.logits.scatter_nd_update([[i, j]], logits[None])
             self.codes.scatter_nd_update([[i, j]], codes[None])
             self.inputs.scatter_nd_update([[i + p, j + p]], model.embedding(codes)[None])
         return self.codes[i]
 
-    def sample(self, temperature=1.0, seed=0, progress=None):
-        """(batch_size, height, width) int32 codes; `progress(row)` is called after each row."""
-        self.reset()
+    def sample(self, temperature=1.0, seed=0, progress=None, condition=None):
+        """(batch_size, height, width) int32 codes; `progress(row)` is called after each row.
+        A conditional prior needs its (batch_size, height / f, width / f) `condition` grid."""
+        self.reset(condition)
         seed = tf.constant([seed, 0], tf.int64)
         temperature = tf.constant(temperature, tf.float32)
         for i in range(self.height):
@@ -372,7 +437,7 @@ class Sampler(tf.Module):
         return tf.transpose(self.logits, (2, 0, 1, 3))
 
 
-def naive_sample(model, batch_size, height, width, temperature=1.0, seed=0, positions=None):
+def naive_sample(model, batch_size, height, width, temperature=1.0, seed=0, positions=None, condition=None):
     """The reference sampler: run the whole network over the grid for every position.
 
     Draws the same codes as `Sampler` for the same seed. `positions` stops after that many
@@ -382,7 +447,7 @@ def naive_sample(model, batch_size, height, width, temperature=1.0, seed=0, posi
     @tf.function
     def step(codes, index):
         i, j = index // width, index % width
-        logits = model(codes)[:, i, j]
+        logits = model(codes if condition is None else (codes, condition))[:, i, j]
         drawn = draw(logits, temperature, tf.random.experimental.stateless_fold_in(seed, index))
         updates = tf.tensor_scatter_nd_update(tf.transpose(codes, (1, 2, 0)), [[i, j]], drawn[None])
         return tf.transpose(updates, (2, 0, 1)), logits

@@ -24,6 +24,16 @@ METRIC_ROWS = [
         ("prior_variant", "variant", "{}"), ("prior_parameters", "parameters", "{:,}"),
         ("prior_test_bits_per_code", "test bits per code", "{:.3f}"), ("log2_K", "log2 K", "{:.2f}"),
     ]),
+    ("Realism: samples against real test slices", [
+        ("c2st_slices", "slices in each set of the classifier two-sample test", "{:d}"),
+        ("c2st_samples_vs_real", "C2ST accuracy, samples vs real (0.5 = indistinguishable)", "{:.3f}"),
+        ("c2st_real_vs_real", "C2ST accuracy, validation vs test subjects (the floor)", "{:.3f}"),
+        ("samples_symmetry", "left-right symmetry of samples", "{:.3f}"),
+        ("real_symmetry", "left-right symmetry of real slices", "{:.3f}"),
+        ("samples_one_piece", "samples in one piece", "{:.1%}"), ("real_one_piece", "real slices in one piece", "{:.1%}"),
+        ("samples_near_empty", "near-empty samples", "{:.1%}"), ("real_near_empty", "near-empty real slices", "{:.1%}"),
+        ("samples_solidity", "solidity of samples", "{:.3f}"), ("real_solidity", "solidity of real slices", "{:.3f}"),
+    ]),
     ("Samples against real slices", [
         ("samples", "samples", "{:d}"), ("sample_temperature", "temperature", "{:g}"),
         ("samples_nn_ssim_mean", "nearest-train SSIM of samples (mean)", "{:.4f}"),

@@ -36,7 +36,8 @@ def load_model(run_dir, name, required=True):
     not `required`)."""
     import keras
 
-    import pixelcnn  # noqa: F401  (importing registers the saved classes with Keras)
+    import hierarchy  # noqa: F401  (importing registers the saved classes with Keras)
+    import pixelcnn  # noqa: F401
     import vqvae  # noqa: F401
     from data import DataError
 

@@ -16,7 +16,7 @@ import tensorflow as tf
 
 import data
 import files
-import pixelcnn
+import hierarchy
 import plots
 
 
@@ -28,7 +28,7 @@ def sample_batches(model, prior, grid_shape, n, temperature=1.0, seed=0, batch_s
     for batch, first in enumerate(range(0, n, batch_size)):
         count = min(batch_size, n - first)
         if count not in samplers:
-            samplers[count] = pixelcnn.Sampler(prior, count, height, width)
+            samplers[count] = hierarchy.sampler_for(prior, count, height, width)
         report = (lambda row, done=batch * height: progress(done + row)) if progress else None
         codes = samplers[count].sample(temperature, seed + first, progress=report)
         yield np.clip(model.decode(codes).numpy() - model.shift, 0, 1)

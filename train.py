@@ -25,6 +25,7 @@ import cache
 import data
 import evaluate
 import files
+import hierarchy
 import pixelcnn
 import plots
 import vqvae
@@ -48,12 +49,21 @@ def build_vqvae(config):
 
 
 def build_prior(config):
-    """The compiled PixelCNN prior of a config."""
-    prior = pixelcnn.PixelCNN(config.K, config.pcnn_variant, filters=config.pcnn_filters,
-                              num_layers=config.pcnn_layers, num_res_blocks=config.pcnn_res_blocks,
-                              head_units=config.pcnn_head_units or None)
-    prior.compile(optimizer=keras.optimizers.Adam(config.pcnn_learning_rate),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=config.jit)
+    """The prior of a config: a compiled PixelCNN, or a HierarchicalPrior whose two
+    PixelCNNs are compiled."""
+    settings = dict(filters=config.pcnn_filters, num_layers=config.pcnn_layers, head_units=config.pcnn_head_units or None)
+    if config.pcnn_variant == "hierarchical":
+        top = dict(filters=config.pcnn_top_filters, num_layers=config.pcnn_top_layers,
+                   head_units=4 * config.pcnn_top_filters)
+        prior = hierarchy.HierarchicalPrior(config.K, config.D, config.pcnn_top_codes, config.pcnn_top_factor,
+                                            top=top, bottom=settings)
+        networks = [prior.top, prior.bottom]
+    else:
+        prior = pixelcnn.PixelCNN(config.K, config.pcnn_variant, num_res_blocks=config.pcnn_res_blocks, **settings)
+        networks = [prior]
+    for network in networks:
+        network.compile(optimizer=keras.optimizers.Adam(config.pcnn_learning_rate),
+                        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=config.jit)
     return prior
 
 
@@ -438,19 +448,21 @@ def encode_split(model, dataset):
     return np.concatenate([model.encode(images).numpy() for images in dataset])
 
 
-def code_dataset(grids, batch_size, shuffle=False, seed=0):
-    """(codes, codes) batches of (N, h, w) code grids: a PixelCNN predicts its own input."""
-    dataset = tf.data.Dataset.from_tensor_slices((grids, grids))
+def code_dataset(grids, batch_size, shuffle=False, seed=0, condition=None):
+    """(codes, codes) batches of (N, h, w) code grids: a PixelCNN predicts its own input
+    (((codes, condition), codes) for a conditional one)."""
+    dataset = tf.data.Dataset.from_tensor_slices((grids if condition is None else (grids, condition), grids))
     if shuffle:
         dataset = dataset.shuffle(len(grids), seed=seed)
     return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
 def train_prior(config, model, splits, run_dir, strategy):
-    """Fit a PixelCNN to the code grids of the train split, validated on the validate split
-    (resuming a killed run's backup, if there is one)."""
+    """Fit the prior to the code grids of the train split, validated on the validate split
+    (resuming a killed run's backup, if there is one): one PixelCNN, or the top and bottom
+    PixelCNNs of a hierarchical prior, one after the other."""
     codes_path = os.path.join(run_dir, "codes.npz")
-    if resume_point(run_dir, "pixelcnn", "pixelcnn_history.csv") and os.path.exists(codes_path):
+    if os.path.exists(codes_path) and config.resume:
         codes = dict(np.load(codes_path))
     else:
         print(f"\nencoding the splits into code grids for the {config.pcnn_variant} PixelCNN prior", flush=True)
@@ -458,25 +470,64 @@ def train_prior(config, model, splits, run_dir, strategy):
         files.atomic_write(codes_path, lambda path: np.savez_compressed(path, **codes))
     with strategy.scope():
         prior = build_prior(config)
-    history_path = os.path.join(run_dir, "pixelcnn_history.csv")
-    callbacks = [CosineLearningRate(config.pcnn_learning_rate, config.pcnn_epochs),
-                 BitsPerCode(read_history(history_path), os.path.join(run_dir, "pixelcnn_loss.png"),
-                             f"{config.pcnn_variant} PixelCNN: bits per code", np.log2(config.K))]
     start = time.time()
-    history, _ = fit_resumably(prior, code_dataset(codes["train"], config.pcnn_batch_size, True, config.seed),
-                               run_dir, "pixelcnn", "pixelcnn_history.csv", config.pcnn_epochs, "val_loss", "min",
-                               callbacks, validation_data=code_dataset(codes["validate"], config.pcnn_batch_size),
-                               log_dir=os.path.join(run_dir, "logs", "prior"))
-    seconds = time.time() - start
-    path = os.path.join(run_dir, "pixelcnn.keras")
-    if not os.path.exists(path):
-        raise RuntimeError("the prior's validation loss was never finite, so no prior was saved")
-    prior = keras.models.load_model(path)
+    if isinstance(prior, hierarchy.HierarchicalPrior):
+        prior = fit_hierarchy(prior, config, model, codes, run_dir)
+    else:
+        prior = fit_prior(prior, config, codes, run_dir, "pixelcnn", config.pcnn_epochs, "prior")
     return prior, {
         "prior_variant": config.pcnn_variant,
         "prior_parameters": int(prior.count_params()),
-        "prior_val_bits_per_code": float(np.nanmin(history["val_bits_per_code"])),
+        "prior_val_bits_per_code": evaluate.prior_bits_per_code(prior, codes["validate"]),
         "prior_test_bits_per_code": evaluate.prior_bits_per_code(prior, codes["test"]),
         "log2_K": float(np.log2(config.K)),
-        "prior_train_seconds": round(seconds, 1),
+        "prior_train_seconds": round(time.time() - start, 1),
     }, codes
+
+
+def fit_prior(network, config, grids, run_dir, name, epochs, log_name, condition=None):
+    """Fit one PixelCNN to {split: grids} (given {split: condition grids}, if conditional)
+    and return its best checkpoint, RUN/<name>.keras. A fit a killed run finished is loaded."""
+    path, history_file = os.path.join(run_dir, f"{name}.keras"), f"{name}_history.csv"
+    finished = len(read_history_rows(os.path.join(run_dir, history_file))) == epochs
+    if finished and os.path.exists(path) and not os.path.exists(os.path.join(run_dir, "backup", name)):
+        print(f"{name} finished before the run stopped: loading {name}.keras", flush=True)
+        return keras.models.load_model(path)
+    resume_point(run_dir, name, history_file)
+
+    def dataset(split, shuffle=False):
+        return code_dataset(grids[split], config.pcnn_batch_size, shuffle, config.seed,
+                            None if condition is None else condition[split])
+
+    callbacks = [CosineLearningRate(config.pcnn_learning_rate, epochs),
+                 BitsPerCode(read_history(os.path.join(run_dir, history_file)),
+                             os.path.join(run_dir, f"{name}_loss.png"), f"{name}: bits per code",
+                             np.log2(network.num_embeddings))]
+    fit_resumably(network, dataset("train", True), run_dir, name, history_file, epochs, "val_loss", "min", callbacks,
+                  validation_data=dataset("validate"), log_dir=os.path.join(run_dir, "logs", log_name))
+    if not os.path.exists(path):
+        raise RuntimeError(f"{name}: the validation loss was never finite, so no prior was saved")
+    return keras.models.load_model(path)
+
+
+def fit_hierarchy(prior, config, model, codes, run_dir):
+    """Fit a HierarchicalPrior: its top codebook (k-means, kept in codes.npz so a resumed
+    run uses the same one), the top PixelCNN, then the bottom one given the top grids;
+    saved whole as RUN/pixelcnn.keras."""
+    if "top_codebook" in codes:
+        prior.codebook.assign(model.quantizer.codebook)
+        prior.top_codebook.assign(codes["top_codebook"])
+    else:
+        print(f"top grid: k-means of {config.pcnn_top_factor}x{config.pcnn_top_factor} blocks into "
+              f"{config.pcnn_top_codes} codes", flush=True)
+        prior.fit_top_codebook(model.quantizer.codebook.numpy(), codes["train"])
+        codes["top_codebook"] = prior.top_codebook.numpy()
+        files.atomic_write(os.path.join(run_dir, "codes.npz"), lambda path: np.savez_compressed(path, **codes))
+    top = {split: np.concatenate([prior.top_codes(codes[split][i: i + 256]).numpy()
+                                  for i in range(0, len(codes[split]), 256)]) for split in data.SPLITS}
+    prior.top.set_weights(fit_prior(prior.top, config, top, run_dir, "prior_top", config.pcnn_top_epochs,
+                                    "prior_top").get_weights())
+    prior.bottom.set_weights(fit_prior(prior.bottom, config, codes, run_dir, "prior_bottom", config.pcnn_epochs,
+                                       "prior_bottom", condition=top).get_weights())
+    files.atomic_write(os.path.join(run_dir, "pixelcnn.keras"), prior.save)
+    return prior

@@ -39,6 +39,26 @@ def batch_norm(name):
 # The quantizer
 
 
+def nearest_rows(flat, codebook):
+    """Index of the nearest codebook row (squared L2) for each row of (N, D) vectors."""
+    distances = (tf.reduce_sum(flat**2, axis=1, keepdims=True) - 2 * tf.matmul(flat, codebook, transpose_b=True)
+                 + tf.reduce_sum(codebook**2, axis=1))
+    return tf.argmin(distances, axis=1, output_type=tf.int32)
+
+
+def kmeans(flat, k, iterations=10):
+    """Lloyd's k-means on (N, D) vectors from k random rows: the centres and how many
+    vectors each holds (a centre that loses all its vectors stays where it was)."""
+    centers = random_rows(flat, k)
+    counts = tf.zeros((k,))
+    for _ in range(iterations):
+        indices = nearest_rows(flat, centers)
+        counts = tf.math.unsorted_segment_sum(tf.ones_like(flat[:, 0]), indices, k)
+        sums = tf.math.unsorted_segment_sum(flat, indices, k)
+        centers = tf.where(counts[:, None] > 0, sums / tf.maximum(counts[:, None], 1.0), centers)
+    return centers, counts
+
+
 def random_rows(flat, count):
     """`count` rows of (N, D) vectors drawn at random, with replacement."""
     return tf.gather(flat, tf.random.uniform((count,), 0, tf.shape(flat)[0], dtype=tf.int32))
@@ -111,15 +131,9 @@ class VectorQuantizer(layers.Layer):
         self.initialized = self.add_weight(shape=(), name="initialized", initializer="zeros",
                                            trainable=False, **state)
 
-    def nearest_codes(self, flat_inputs, codebook=None):
+    def nearest_codes(self, flat_inputs):
         """Index of the nearest codebook vector (squared L2) for each row of (N, D) inputs."""
-        codebook = self.codebook if codebook is None else codebook
-        distances = (
-            tf.reduce_sum(flat_inputs**2, axis=1, keepdims=True)
-            - 2 * tf.matmul(flat_inputs, codebook, transpose_b=True)
-            + tf.reduce_sum(codebook**2, axis=1)
-        )
-        return tf.argmin(distances, axis=1, output_type=tf.int32)
+        return nearest_rows(flat_inputs, self.codebook)
 
     def call(self, inputs, training=False):
         quantized, indices = self.quantize_inputs(inputs, training)
@@ -159,13 +173,12 @@ class VectorQuantizer(layers.Layer):
             loss += tf.reduce_mean((tf.stop_gradient(inputs) - quantized) ** 2)
         return loss
 
-    def _assignment_stats(self, flat, indices, across_replicas=True):
-        """How many vectors went to each code and their sum, over all replicas (or only this
-        one's, where replicas cannot communicate)."""
+    def _assignment_stats(self, flat, indices):
+        """How many vectors went to each code and their sum, over all replicas."""
         counts = tf.math.unsorted_segment_sum(tf.ones_like(flat[:, 0]), indices, self.num_embeddings)
         sums = tf.math.unsorted_segment_sum(flat, indices, self.num_embeddings)
         context = tf.distribute.get_replica_context()
-        if across_replicas and context is not None and context.num_replicas_in_sync > 1:
+        if context is not None and context.num_replicas_in_sync > 1:
             counts, sums = context.all_reduce(tf.distribute.ReduceOp.SUM, [counts, sums])
         return counts, sums
 
@@ -176,22 +189,13 @@ class VectorQuantizer(layers.Layer):
         between replicas, so it is local; its result is then taken from the first replica
         and assigned outside the cond (on later steps the assignments keep the values)."""
         first_step = self.initialized <= 0
-        centers, counts = tf.cond(first_step, lambda: self._kmeans(flat),
+        centers, counts = tf.cond(first_step, lambda: kmeans(flat, self.num_embeddings, self.kmeans_iterations),
                                   lambda: (tf.identity(self.codebook), tf.identity(self.cluster_size)))
         centers, counts = from_first_replica([centers, counts])
         self.codebook.assign(tf.where(first_step, centers, self.codebook))
         self.cluster_size.assign(tf.where(first_step, counts, self.cluster_size))
         self.embedding_sum.assign(tf.where(first_step, centers * counts[:, None], self.embedding_sum))
         self.initialized.assign(1.0)
-
-    def _kmeans(self, flat):
-        """Lloyd's k-means on (N, D) vectors: the centres and how many vectors each holds."""
-        centers = random_rows(flat, self.num_embeddings)
-        counts = tf.zeros((self.num_embeddings,))
-        for _ in range(self.kmeans_iterations):
-            counts, sums = self._assignment_stats(flat, self.nearest_codes(flat, centers), across_replicas=False)
-            centers = tf.where(counts[:, None] > 0, sums / tf.maximum(counts[:, None], 1.0), centers)
-        return centers, counts
 
     def _ema_update(self, counts, sums):
         """Move each code to the moving average of the vectors assigned to it."""

@@ -67,7 +67,7 @@ def test_help_lists_every_flag_with_its_default():
     (["--learning-rate", "0"], "--learning-rate must be > 0"),
     (["--ema-decay", "1"], "--ema-decay must be in [0, 1)"),
     (["--cmap", "nonsense"], "--cmap 'nonsense' is not a matplotlib colormap"),
-    (["--pcnn-variant", "fancy"], "--pcnn-variant must be 'plain' or 'gated', got 'fancy'"),
+    (["--pcnn-variant", "fancy"], "--pcnn-variant must be 'plain', 'gated' or 'hierarchical', got 'fancy'"),
     (["--pcnn-epochs", "-1"], "--pcnn-epochs must be >= 0, got -1"),
     (["--pcnn-head-units", "-2"], "--pcnn-head-units must be >= 0 (0 = --pcnn-filters), got -2"),
     (["--temperature", "0"], "--temperature must be > 0, got 0.0"),
@@ -202,3 +202,20 @@ def test_multiworker_strategy_runs_as_a_single_worker(oasis_root, tmp_path):
                             cwd=PROJECT, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.load(open(os.path.join(run, "metrics.json")))["test_slices"] == 8
+
+
+def test_hierarchical_prior_run_samples_and_reloads(oasis_root, tmp_path):
+    import hierarchy
+
+    run = str(tmp_path / "run")
+    _, metrics = driver.main(["--data", oasis_root, "--out", run, "--epochs", "1", "--grid-every", "0", *TINY,
+                              "--pcnn-variant", "hierarchical", "--pcnn-top-codes", "4", "--pcnn-top-factor", "2",
+                              "--pcnn-top-filters", "8", "--pcnn-top-layers", "2", "--pcnn-top-epochs", "2"])
+    assert metrics["prior_variant"] == "hierarchical" and 0 < metrics["prior_test_bits_per_code"]
+    prior = keras.models.load_model(os.path.join(run, "pixelcnn.keras"))
+    assert isinstance(prior, hierarchy.HierarchicalPrior) and prior.top_codebook.numpy().any()
+    for name in ("prior_top_history.csv", "prior_bottom_history.csv", "samples/sample_002.png"):
+        assert os.path.exists(os.path.join(run, name)), name
+    assert summaries(os.path.join(run, "logs", "prior_top", "train")).get("epoch_bits_per_code") == "scalars"
+    images = driver.main(["sample", "--run", run, "--n", "3", "--out", str(tmp_path / "more")])
+    assert images.shape == (3, 32, 32, 1) and 0 <= images.min() and images.max() <= 1

@@ -160,3 +160,28 @@ def test_head_units_widen_the_layer_before_the_logits(tmp_path):
     sampler = pixelcnn.Sampler(loaded, 2, 3, 3)
     codes = sampler.sample(seed=2)
     np.testing.assert_allclose(sampler.used_logits().numpy(), loaded(codes).numpy(), atol=1e-4)
+
+
+def test_conditional_prior_uses_its_condition_and_stays_causal_and_exact(tmp_path):
+    model = random_model("gated", condition_classes=5, condition_factor=2)
+    rng = np.random.default_rng(3)
+    condition = tf.constant(rng.integers(0, 5, (3, 3, 4)), tf.int32)
+    sampler = pixelcnn.Sampler(model, 3, 6, 8)
+    codes = sampler.sample(1.0, 7, condition=condition)
+    logits = model((codes, condition)).numpy()
+    np.testing.assert_allclose(sampler.used_logits().numpy(), logits, atol=1e-4)
+    naive_codes, _ = pixelcnn.naive_sample(model, 3, 6, 8, 1.0, 7, condition=condition)
+    np.testing.assert_array_equal(naive_codes.numpy(), codes.numpy())
+    assert np.abs(model((codes, (condition + 1) % 5)).numpy() - logits).max() > 1e-2  # the condition matters
+    # Still causal in the codes: changing a code changes no logits at or before it.
+    changed = codes.numpy().copy()
+    changed[:, 2, 3] = (changed[:, 2, 3] + 1) % 6
+    differs = np.abs(model((tf.constant(changed), condition)).numpy() - logits).max(axis=(0, 3)) > 1e-6
+    assert not differs[:2].any() and not differs[2, :4].any()
+    with pytest.raises(ValueError, match="give sample\\(\\) its condition"):
+        sampler.sample(1.0, 7)
+    with pytest.raises(ValueError, match="only the gated PixelCNN takes a condition"):
+        pixelcnn.PixelCNN(6, "plain", condition_classes=3)
+    path = str(tmp_path / "conditional.keras")
+    model.save(path)
+    np.testing.assert_allclose(keras.models.load_model(path)((codes, condition)).numpy(), logits, atol=1e-6)

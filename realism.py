@@ -1,0 +1,135 @@
+"""Are the samples brains? Two measurements that need no downloaded network.
+
+1. A classifier two-sample test (C2ST, Lopez-Paz and Oquab 2017, "Revisiting Classifier
+   Two-Sample Tests"): a small CNN is trained to tell two sets of slices apart, with k-fold
+   cross-validation, and its held-out accuracy is the score: 0.5 means it cannot tell them
+   apart, 1.0 that it always can. The same test on two sets of *real* slices from different
+   subjects (the validation split against the test split) is the floor for the data: real
+   subjects differ too, and a small set lets the classifier find some difference anyway.
+2. Anatomy statistics of each set, on a foreground mask (intensity above `FOREGROUND`):
+   * near-empty: under 5% of the slice is foreground;
+   * one piece: the largest connected part holds at least 90% of the foreground;
+   * solidity: foreground area over the area of its filled outline (holes filled);
+   * symmetry: the correlation (over the whole slice) of the slice with its mirror image
+     about the vertical line through the foreground's centre.
+
+`scipy.ndimage` does the connected parts (`label`), the hole filling
+(`binary_fill_holes`) and the sub-pixel shift for the mirror (`shift`): each is a
+well-tested library routine where hand-written flood fills would be slow and error-prone.
+"""
+
+import numpy as np
+
+FOREGROUND = 0.1  # intensity in [0, 1] above which a pixel is head, not background
+NEAR_EMPTY = 0.05  # foreground share under which a slice counts as near-empty
+ONE_PIECE = 0.9  # share of the foreground the largest part must hold
+C2ST_SIZE = 64  # slices are compared at 64x64: shape and tissue, not pixel noise
+
+
+# ---------------------------------------------------------------------------
+# Anatomy statistics
+
+
+def slice_anatomy(image):
+    """Foreground share, whether in one piece, solidity and left-right symmetry of one
+    (H, W) slice in [0, 1] (NaN where the slice has no foreground)."""
+    from scipy import ndimage
+
+    image = np.asarray(image, np.float64).reshape(np.shape(image)[:2])
+    mask = image > FOREGROUND
+    area = int(mask.sum())
+    stats = {"foreground": area / mask.size, "one_piece": np.nan, "solidity": np.nan, "symmetry": np.nan}
+    if area == 0:
+        return stats
+    labels, count = ndimage.label(mask)
+    largest = np.bincount(labels.ravel())[1:].max()
+    stats["one_piece"] = float(largest >= ONE_PIECE * area)
+    stats["solidity"] = area / ndimage.binary_fill_holes(mask).sum()
+    # Move the foreground's centre column to the middle, then compare with the mirror image.
+    centre = np.nonzero(mask)[1].mean()
+    offset = (image.shape[1] - 1) / 2 - centre
+    centred = ndimage.shift(image, (0, offset), order=1, cval=0.0)
+    if centred.std() > 0:
+        stats["symmetry"] = float(np.corrcoef(centred.ravel(), centred[:, ::-1].ravel())[0, 1])
+    return stats
+
+
+def anatomy_statistics(images):
+    """The anatomy statistics of a set of (N, H, W[, 1]) slices in [0, 1]: the share of
+    near-empty slices, and over the others the share in one piece, the mean solidity and
+    the mean symmetry (None where no slice has a foreground)."""
+    per_slice = [slice_anatomy(image) for image in images]
+    foreground = np.array([s["foreground"] for s in per_slice])
+    kept = [s for s in per_slice if s["foreground"] >= NEAR_EMPTY]
+
+    def mean(key):
+        values = np.array([s[key] for s in kept], np.float64)
+        return float(np.nanmean(values)) if np.isfinite(values).any() else None
+
+    return {"near_empty": float(np.mean(foreground < NEAR_EMPTY)), "one_piece": mean("one_piece"),
+            "solidity": mean("solidity"), "symmetry": mean("symmetry")}
+
+
+# ---------------------------------------------------------------------------
+# The classifier two-sample test
+
+
+def classifier(size=C2ST_SIZE):
+    """A small CNN that scores a (size, size, 1) slice: the logit of 'from the first set'."""
+    import keras
+    from keras import layers
+
+    inputs = keras.Input((size, size, 1))
+    x = inputs
+    for width in (16, 32, 64):
+        x = layers.Conv2D(width, 3, padding="same", activation="relu")(x)
+        x = layers.MaxPooling2D()(x)
+    x = layers.GlobalAveragePooling2D()(x)
+    x = layers.Dropout(0.3)(x)
+    return keras.Model(inputs, layers.Dense(1)(x), name="c2st_classifier")
+
+
+def downscale(images, size=C2ST_SIZE):
+    import tensorflow as tf
+
+    images = np.asarray(images, np.float32).reshape(len(images), *np.shape(images)[1:3], 1)
+    return tf.image.resize(images, (size, size), method="area").numpy()
+
+
+def c2st_accuracy(first, second, folds=5, epochs=20, batch_size=32, seed=0):
+    """Held-out accuracy of a CNN telling (N, H, W[, 1]) slices `first` from `second`, with
+    `folds`-fold cross-validation (a fresh classifier per fold; fewer folds for sets smaller
+    than `folds`). The two sets are cut to the same size, so 0.5 is chance."""
+    import keras
+
+    count = min(len(first), len(second))
+    if count < 2:
+        raise ValueError(f"C2ST needs at least 2 slices in each set, got {len(first)} and {len(second)}")
+    folds = min(folds, count)
+    rng = np.random.default_rng(seed)
+    pick = lambda images: downscale(np.asarray(images)[rng.permutation(len(images))[:count]])  # noqa: E731
+    images = np.concatenate([pick(first), pick(second)])
+    labels = np.concatenate([np.ones(count), np.zeros(count)]).astype(np.float32)
+    order = rng.permutation(len(images))
+    correct = 0
+    for fold in np.array_split(order, folds):
+        train = np.setdiff1d(order, fold)
+        keras.utils.set_random_seed(seed)
+        model = classifier()
+        model.compile(optimizer=keras.optimizers.Adam(1e-3),
+                      loss=keras.losses.BinaryCrossentropy(from_logits=True))
+        model.fit(images[train], labels[train], epochs=epochs, batch_size=batch_size, verbose=0)
+        predicted = model(images[fold], training=False).numpy()[:, 0] > 0  # no predict(): one trace per fold
+        correct += int(np.sum(predicted == (labels[fold] > 0.5)))
+    return correct / len(images)
+
+
+def realism_metrics(samples, real, control, seed=0, epochs=20):
+    """Samples against real slices, with the real-vs-real control: C2ST accuracies and the
+    anatomy statistics of each set, as one flat dict for metrics.json."""
+    metrics = {"c2st_samples_vs_real": c2st_accuracy(samples, real, seed=seed, epochs=epochs),
+               "c2st_real_vs_real": c2st_accuracy(control, real, seed=seed, epochs=epochs),
+               "c2st_slices": int(min(len(samples), len(real)))}
+    for name, images in (("samples", samples), ("real", real)):
+        metrics.update({f"{name}_{key}": value for key, value in anatomy_statistics(images).items()})
+    return metrics
