@@ -68,11 +68,14 @@ class Config:
     pcnn_res_blocks: int = option(2, "residual blocks with 3x3 mask-B convolutions ('plain' only)")
     pcnn_head_units: int = option(140, "width of the PixelCNN's 1x1 layer before the logits (0 = --pcnn-filters)")
     pcnn_batch_size: int = option(32, "code grids per PixelCNN batch")
-    pcnn_top_codes: int = option(64, "hierarchical prior: codes of the top grid (k-means of blocks of code vectors)")
-    pcnn_top_factor: int = option(4, "hierarchical prior: a top code summarises this many codes along each side")
+    pcnn_top_codes: int = option(64, "hierarchical prior: codes of the top grid, the centres k-means finds among the "
+                                     "mean code vectors of blocks of codes")
+    pcnn_top_factor: int = option(4, "hierarchical prior: the side of those blocks, in codes (4: a 64x64 grid has a "
+                                     "16x16 top grid)")
     pcnn_top_filters: int = option(64, "hierarchical prior: channels of the top PixelCNN (its head is 4x as wide)")
     pcnn_top_layers: int = option(12, "hierarchical prior: gated layers of the top PixelCNN")
-    pcnn_top_epochs: int = option(30, "hierarchical prior: training epochs of the top PixelCNN")
+    pcnn_top_epochs: int = option(30, "hierarchical prior: training epochs of the top PixelCNN (the one over the "
+                                      "codes trains for --pcnn-epochs)")
     samples: int = option(16, "new slices sampled at the end of the run")
     temperature: float = option(1.0, "sampling temperature (< 1: more typical samples, > 1: more varied)")
     cache: str = option(None, "folder for the decoded slices (TFRecord shards, 2 bytes per pixel), reused by any run "
@@ -102,18 +105,12 @@ def build_parser():
                     "metrics, plots, samples and TensorBoard logs to a run folder. Other commands: 'driver.py "
                     "reconstruct -h', 'driver.py sample -h', 'driver.py evaluate -h'.")
     for field in dataclasses.fields(Config):
-        flag = "--" + field.name.replace("_", "-")
-        names = [flag, "--" + field.name] if "_" in field.name else [flag]
+        names = [flag(field.name), "--" + field.name] if "_" in field.name else [flag(field.name)]
         shown = " ".join(map(str, field.default)) if isinstance(field.default, (list, tuple)) else field.default
         help_text = field.metadata["help"] + ("" if field.default is None else f" (default: {shown})")
-        kwargs = {"dest": field.name, "default": field.default, "help": help_text.replace("%", "%%")}
-        if field.type is list:
-            kwargs.update(type=int, nargs="+")
-        elif field.type is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
-        elif field.type in (int, float):
-            kwargs["type"] = field.type
-        parser.add_argument(*names, **kwargs)
+        kind = {list: dict(type=int, nargs="+"), bool: dict(action=argparse.BooleanOptionalAction),
+                int: dict(type=int), float: dict(type=float)}.get(field.type, {})
+        parser.add_argument(*names, dest=field.name, default=field.default, help=help_text.replace("%", "%%"), **kind)
     parser.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     return parser
 
@@ -159,40 +156,41 @@ def require(checks):
             raise UsageError(message)
 
 
+# Flag checks: the smallest value of each count, what must be positive, what has fixed choices.
+MINIMUM = dict(K=2, D=1, epochs=1, batch_size=1, beta=0, dead_code_steps=0, res_blocks=0, max_minutes=0, grid_every=0,
+               volume_index=0, pcnn_epochs=0, pcnn_filters=2, pcnn_res_blocks=0, pcnn_batch_size=1, samples=0,
+               pcnn_top_codes=2, pcnn_top_factor=2, pcnn_top_filters=2, pcnn_top_layers=1, pcnn_top_epochs=1)
+POSITIVE = ("learning_rate", "pcnn_learning_rate", "temperature")
+CHOICES = dict(codebook_init=("kmeans", "uniform"), pcnn_variant=("plain", "gated", "hierarchical"),
+               strategy=("default", "mirrored", "multiworker"))
+
+
+def flag(name):
+    return "--" + name.replace("_", "-")
+
+
+def check(values, minimum, positive=(), choices=None):
+    """Raise a UsageError naming the first flag of `values` below its minimum, not positive,
+    or not one of its choices."""
+    listed = lambda options: ", ".join(map(repr, options[:-1])) + f" or {options[-1]!r}"  # noqa: E731
+    require([(getattr(values, name) >= low, f"{flag(name)} must be >= {low}, got {getattr(values, name)}")
+             for name, low in minimum.items()]
+            + [(getattr(values, name) > 0, f"{flag(name)} must be > 0, got {getattr(values, name)}")
+               for name in positive]
+            + [(getattr(values, name) in options, f"{flag(name)} must be {listed(options)}, "
+                                                  f"got {getattr(values, name)!r}") for name, options in (choices or {}).items()])
+
+
 def validate(config):
     """Check flag values before any work starts."""
     c = config
+    check(c, MINIMUM, POSITIVE, CHOICES)
     require([
-        (c.K >= 2, f"--K must be >= 2, got {c.K}"), (c.D >= 1, f"--D must be >= 1, got {c.D}"),
-        (c.epochs >= 1, f"--epochs must be >= 1, got {c.epochs}"),
-        (c.batch_size >= 1, f"--batch-size must be >= 1, got {c.batch_size}"),
-        (c.learning_rate > 0, f"--learning-rate must be > 0, got {c.learning_rate}"),
-        (c.beta >= 0, f"--beta must be >= 0, got {c.beta}"),
         (0 <= c.ema_decay < 1, f"--ema-decay must be in [0, 1), got {c.ema_decay}"),
-        (c.codebook_init in ("kmeans", "uniform"), f"--codebook-init must be 'kmeans' or 'uniform', "
-                                                   f"got {c.codebook_init!r}"),
-        (c.dead_code_steps >= 0, f"--dead-code-steps must be >= 0, got {c.dead_code_steps}"),
         (len(c.filters) >= 1 and min(c.filters) >= 1, f"--filters must be positive channel counts, got {c.filters}"),
-        (c.res_blocks >= 0, f"--res-blocks must be >= 0, got {c.res_blocks}"),
-        (c.max_minutes >= 0, f"--max-minutes must be >= 0, got {c.max_minutes}"),
-        (c.grid_every >= 0, f"--grid-every must be >= 0, got {c.grid_every}"),
-        (c.volume_index >= 0, f"--volume-index must be >= 0, got {c.volume_index}"),
-        (c.pcnn_epochs >= 0, f"--pcnn-epochs must be >= 0, got {c.pcnn_epochs}"),
-        (c.pcnn_learning_rate > 0, f"--pcnn-learning-rate must be > 0, got {c.pcnn_learning_rate}"),
-        (c.pcnn_variant in ("plain", "gated", "hierarchical"),
-         f"--pcnn-variant must be 'plain', 'gated' or 'hierarchical', got {c.pcnn_variant!r}"),
-        (min(c.pcnn_top_codes, c.pcnn_top_factor, c.pcnn_top_filters, c.pcnn_top_layers, c.pcnn_top_epochs) >= 2,
-         "--pcnn-top-codes, --pcnn-top-factor, --pcnn-top-filters, --pcnn-top-layers and --pcnn-top-epochs must be >= 2"),
-        (c.pcnn_filters >= 2, f"--pcnn-filters must be >= 2, got {c.pcnn_filters}"),
-        (c.pcnn_layers >= (1 if c.pcnn_variant == "gated" else 0), f"--pcnn-layers must be >= 1 for the gated prior, "
+        (c.pcnn_layers >= (0 if c.pcnn_variant == "plain" else 1), f"--pcnn-layers must be >= 1 for a gated prior, "
                                                                     f">= 0 for the plain one, got {c.pcnn_layers}"),
-        (c.pcnn_res_blocks >= 0, f"--pcnn-res-blocks must be >= 0, got {c.pcnn_res_blocks}"),
         (c.pcnn_head_units >= 0, f"--pcnn-head-units must be >= 0 (0 = --pcnn-filters), got {c.pcnn_head_units}"),
-        (c.pcnn_batch_size >= 1, f"--pcnn-batch-size must be >= 1, got {c.pcnn_batch_size}"),
-        (c.samples >= 0, f"--samples must be >= 0, got {c.samples}"),
-        (c.temperature > 0, f"--temperature must be > 0, got {c.temperature}"),
-        (c.strategy in ("default", "mirrored", "multiworker"),
-         f"--strategy must be 'default', 'mirrored' or 'multiworker', got {c.strategy!r}"),
         (c.slice_axis in (-3, -2, -1, 0, 1, 2), f"--slice-axis must be one of 0, 1, 2 (or -1..-3), got {c.slice_axis}"),
     ])
     if c.image_size is not None:
@@ -282,16 +280,8 @@ def reconstruct(args):
     return {**summary, "folder": folder}
 
 
-def check_sampling_flags(args, count_flag, minimum):
-    """The flags `sample` and `evaluate` share: how many slices, temperature, batch size."""
-    count = getattr(args, count_flag.strip("-"))
-    require([(count >= minimum, f"{count_flag} must be >= {minimum}, got {count}"),
-             (args.temperature > 0, f"--temperature must be > 0, got {args.temperature}"),
-             (args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}")])
-
-
 def sample(args):
-    check_sampling_flags(args, "--n", 1)
+    check(args, dict(n=1, batch_size=1), ("temperature",))
     import sample as sampling
 
     config = runs.load_config(args.run)
@@ -304,7 +294,7 @@ def sample(args):
 
 
 def evaluate_command(args):
-    check_sampling_flags(args, "--samples", 0)
+    check(args, dict(samples=0, batch_size=1), ("temperature",))
     import evaluate
     import train as stages
 

@@ -177,39 +177,45 @@ class PixelCNN(keras.Model):
         self.condition_classes, self.condition_factor = int(condition_classes), int(condition_factor)
         self.condition_units = int(condition_units)
 
-        f = self.filters
-        self.embedding = layers.Embedding(self.num_embeddings, f, name="embedding")
+        self.embedding = layers.Embedding(self.num_embeddings, self.filters, name="embedding")
         if variant == "plain":
-            self.first = MaskedConv2D(f, first_kernel_size, "A", name="first")
-            self.res_blocks = [
-                (layers.Dense(f // 2, activation="relu", name=f"res{i}_in"),
-                 MaskedConv2D(f // 2, kernel_size, "B", name=f"res{i}_conv"),
-                 layers.Dense(f, activation="relu", name=f"res{i}_out"))
-                for i in range(self.num_res_blocks)
-            ]
-            self.pixel_layers = [MaskedConv2D(f, 1, "B", name=f"pixel{i}") for i in range(self.num_layers)]
+            self._build_plain()
         else:
-            self.gated_layers = [
-                (MaskedConv2D(2 * f, first_kernel_size if i == 0 else kernel_size, "VA" if i == 0 else "VB",
-                              name=f"gated{i}_vertical"),
-                 MaskedConv2D(2 * f, first_kernel_size if i == 0 else kernel_size, "HA" if i == 0 else "HB",
-                              name=f"gated{i}_horizontal"),
-                 layers.Dense(2 * f, name=f"gated{i}_vertical_to_horizontal"),
-                 layers.Dense(f, name=f"gated{i}_out"))
-                for i in range(self.num_layers)
-            ]
-        if self.condition_classes:
-            self.condition_embedding = layers.Embedding(self.condition_classes, self.condition_units,
-                                                        name="condition_embedding")
-            self.condition_layers = [(layers.Dense(2 * f, use_bias=False, name=f"gated{i}_condition_vertical"),
-                                      layers.Dense(2 * f, use_bias=False, name=f"gated{i}_condition_horizontal"))
-                                     for i in range(self.num_layers)]
+            self._build_gated()
         self.head = layers.Dense(self.head_units, activation="relu", name="head")
         self.logits = layers.Dense(self.num_embeddings, name="logits")
         # Create every weight now, so the model saves and loads as is.
         side = max(1, self.condition_factor)
         codes = tf.zeros((1, side, side), tf.int32)
         self((codes, tf.zeros((1, 1, 1), tf.int32)) if self.condition_classes else codes)
+
+    def _build_plain(self):
+        f = self.filters
+        self.first = MaskedConv2D(f, self.first_kernel_size, "A", name="first")
+        self.res_blocks = [
+            (layers.Dense(f // 2, activation="relu", name=f"res{i}_in"),
+             MaskedConv2D(f // 2, self.kernel_size, "B", name=f"res{i}_conv"),
+             layers.Dense(f, activation="relu", name=f"res{i}_out"))
+            for i in range(self.num_res_blocks)
+        ]
+        self.pixel_layers = [MaskedConv2D(f, 1, "B", name=f"pixel{i}") for i in range(self.num_layers)]
+
+    def _build_gated(self):
+        f = self.filters
+        size = lambda i: self.first_kernel_size if i == 0 else self.kernel_size  # noqa: E731
+        self.gated_layers = [
+            (MaskedConv2D(2 * f, size(i), "VA" if i == 0 else "VB", name=f"gated{i}_vertical"),
+             MaskedConv2D(2 * f, size(i), "HA" if i == 0 else "HB", name=f"gated{i}_horizontal"),
+             layers.Dense(2 * f, name=f"gated{i}_vertical_to_horizontal"),
+             layers.Dense(f, name=f"gated{i}_out"))
+            for i in range(self.num_layers)
+        ]
+        if self.condition_classes:
+            self.condition_embedding = layers.Embedding(self.condition_classes, self.condition_units,
+                                                        name="condition_embedding")
+            self.condition_layers = [(layers.Dense(2 * f, use_bias=False, name=f"gated{i}_condition_vertical"),
+                                      layers.Dense(2 * f, use_bias=False, name=f"gated{i}_condition_horizontal"))
+                                     for i in range(self.num_layers)]
 
     @property
     def masked_convs(self):

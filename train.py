@@ -1,4 +1,4 @@
-"""Training: the two stages of a run, each resumable after a kill, and their callbacks.
+"""Training: the two stages of a run, each resumable after a kill (their callbacks: callbacks.py).
 
     source, image_size, splits = prepare_data(config, cache_dir)
     model, history, seconds = train_vqvae(config, splits, run_dir, shown, strategy)
@@ -22,6 +22,7 @@ import numpy as np
 import tensorflow as tf
 
 import cache
+import callbacks
 import data
 import evaluate
 import files
@@ -170,110 +171,6 @@ def is_chief(strategy):
 
 
 # ---------------------------------------------------------------------------
-# Callbacks
-
-
-class ValidationMetrics(keras.callbacks.Callback):
-    """After each epoch, score the model on the whole validation split with `test_step`
-    (tf.image.ssim per slice, averaged over every slice) and add the results to the epoch's
-    logs as `val_*`, so `ModelCheckpoint(monitor="val_ssim")` can keep the best model."""
-
-    def __init__(self, validation_data, verbose=1):
-        super().__init__()
-        self.validation_data = validation_data
-        self.verbose = verbose
-
-    def on_epoch_end(self, epoch, logs=None):
-        results = self.model.evaluate(self.validation_data, verbose=0, return_dict=True)
-        if logs is not None:
-            logs.update({f"val_{name}": float(value) for name, value in results.items()})
-        if self.verbose:
-            print(f"epoch {epoch + 1}: val_ssim {results['ssim']:.4f}  val_psnr {results['psnr']:.2f} dB  "
-                  f"val_perplexity {results['perplexity']:.1f}  val_codebook_usage {results['codebook_usage']:.1%}",
-                  flush=True)
-
-
-class TimeLimit(keras.callbacks.Callback):
-    """Stop training when another epoch as long as the last one would overrun `minutes`
-    (0 = no limit)."""
-
-    def __init__(self, minutes):
-        super().__init__()
-        self.minutes = minutes
-
-    def on_train_begin(self, logs=None):
-        self.start = self.epoch_start = time.time()
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.epoch_start = time.time()
-
-    def on_epoch_end(self, epoch, logs=None):
-        now = time.time()
-        if self.minutes and now - self.start + (now - self.epoch_start) > self.minutes * 60:
-            print(f"time limit: another epoch would pass {self.minutes} minutes; stopping after epoch {epoch + 1}",
-                  flush=True)
-            self.model.stop_training = True
-
-
-class CosineLearningRate(keras.callbacks.Callback):
-    """Decay the learning rate from `base` to `floor * base` along a half cosine over the
-    run's budget: `epochs`, or `minutes` of wall time when that comes first, so a run cut
-    short by a time limit still ends with a small learning rate."""
-
-    def __init__(self, base, epochs, minutes=0.0, floor=0.05):
-        super().__init__()
-        self.base, self.epochs, self.minutes, self.floor = base, epochs, minutes, floor
-
-    def on_train_begin(self, logs=None):
-        self.start = time.time()
-
-    def on_epoch_begin(self, epoch, logs=None):
-        progress = epoch / self.epochs
-        if self.minutes:
-            progress = max(progress, (time.time() - self.start) / (self.minutes * 60))
-        scale = self.floor + (1 - self.floor) * 0.5 * (1 + np.cos(np.pi * min(progress, 1.0)))
-        self.model.optimizer.learning_rate.assign(self.base * scale)
-
-    def on_epoch_end(self, epoch, logs=None):
-        if logs is not None:
-            logs["learning_rate"] = float(self.model.optimizer.learning_rate.numpy())
-
-
-class ReconstructionImages(keras.callbacks.Callback):
-    """Every `every` epochs (0: never), show TensorBoard fixed slices beside their reconstructions."""
-
-    def __init__(self, images, log_dir, shift, every=1):
-        super().__init__()
-        self.images, self.shift, self.every = images, shift, every
-        self.writer = tf.summary.create_file_writer(log_dir)
-
-    def on_epoch_end(self, epoch, logs=None):
-        if self.every and (epoch + 1) % self.every == 0:
-            reconstructions = np.clip(self.model(self.images, training=False).numpy() - self.shift, 0, 1)
-            pairs = np.concatenate([np.clip(self.images - self.shift, 0, 1), reconstructions], axis=2)
-            with self.writer.as_default():
-                tf.summary.image("validation slices | reconstructions", pairs, step=epoch, max_outputs=len(pairs))
-            self.writer.flush()
-
-
-class BitsPerCode(keras.callbacks.Callback):
-    """Add the prior's bits per code to the logs, print them and plot the whole history."""
-
-    def __init__(self, history, path, title, log2_k):
-        super().__init__()
-        self.history, self.path, self.title, self.log2_k = history, path, title, log2_k
-
-    def on_epoch_end(self, epoch, logs=None):
-        logs["bits_per_code"] = pixelcnn.bits_per_code(logs["loss"])
-        logs["val_bits_per_code"] = pixelcnn.bits_per_code(logs["val_loss"])
-        for key, value in logs.items():
-            self.history.setdefault(key, []).append(float(value))
-        print(f"prior epoch {epoch + 1}: val bits per code {logs['val_bits_per_code']:.3f} "
-              f"(log2 K = {self.log2_k:.2f})", flush=True)
-        plots.plot_losses(self.history, self.path, keys=("bits_per_code", "val_bits_per_code"), title=self.title)
-
-
-# ---------------------------------------------------------------------------
 # Resumable training
 
 
@@ -313,20 +210,7 @@ def resume_point(run_dir, name, history_file):
     return done
 
 
-class PublishCheckpoint(keras.callbacks.Callback):
-    """Move a checkpoint ModelCheckpoint has just written to `partial` over `final` in one
-    step, so a kill mid-save never leaves a half-written model."""
-
-    def __init__(self, partial, final):
-        super().__init__()
-        self.partial, self.final = partial, final
-
-    def on_epoch_end(self, epoch, logs=None):
-        if os.path.exists(self.partial):
-            os.replace(self.partial, self.final)
-
-
-def fit_resumably(model, dataset, run_dir, name, history_file, epochs, monitor, mode, callbacks,
+def fit_resumably(model, dataset, run_dir, name, history_file, epochs, monitor, mode, stage_callbacks,
                   validation_data=None, log_dir=None):
     """`model.fit` with what lets a run survive a kill and a NaN loss:
 
@@ -343,19 +227,19 @@ def fit_resumably(model, dataset, run_dir, name, history_file, epochs, monitor, 
     history_path = os.path.join(run_dir, history_file)
     best = best_score(read_history(history_path).get(monitor), mode)
     backup = os.path.join(run_dir, "backup")
-    callbacks = list(callbacks) + [
+    every_callback = list(stage_callbacks) + [
         # After the callbacks that add val_* scores and the learning rate to the logs.
         keras.callbacks.TensorBoard(log_dir or os.path.join(run_dir, "logs", name), write_graph=False,
                                     profile_batch=0),
         keras.callbacks.ModelCheckpoint(partial, monitor=monitor, mode=mode, save_best_only=True,
                                         initial_value_threshold=best),
-        PublishCheckpoint(partial, os.path.join(run_dir, f"{name}.keras")),
+        callbacks.PublishCheckpoint(partial, os.path.join(run_dir, f"{name}.keras")),
         keras.callbacks.CSVLogger(history_path, append=True),
         keras.callbacks.TerminateOnNaN(),
         keras.callbacks.BackupAndRestore(os.path.join(backup, name), double_checkpoint=True),
     ]
     try:
-        fitted = model.fit(dataset, validation_data=validation_data, epochs=epochs, callbacks=callbacks,
+        fitted = model.fit(dataset, validation_data=validation_data, epochs=epochs, callbacks=every_callback,
                            shuffle=False, verbose=1 if sys.stdout.isatty() else 2)  # the datasets shuffle themselves
     finally:
         if os.path.exists(partial):  # a save that failed (a full disk): the last good model stays
@@ -396,18 +280,18 @@ def train_vqvae(config, splits, run_dir, shown, strategy):
     resume_point(run_dir, "vqvae", "history.csv")
     with strategy.scope():
         model = build_vqvae(config)
-    callbacks = [
-        CosineLearningRate(config.learning_rate, config.epochs, config.max_minutes),
-        ValidationMetrics(splits["validate"]),
-        TimeLimit(config.max_minutes),
+    stage_callbacks = [
+        callbacks.CosineLearningRate(config.learning_rate, config.epochs, config.max_minutes),
+        callbacks.ValidationMetrics(splits["validate"]),
+        callbacks.TimeLimit(config.max_minutes),
         plots.TrainingPlots(run_dir, read_history(os.path.join(run_dir, "history.csv"))),
         plots.ReconstructionGrids(shown, run_dir, config.shift, config.grid_every, config.cmap),
-        ReconstructionImages(shown, os.path.join(run_dir, "logs", "vqvae", "reconstructions"), config.shift,
+        callbacks.ReconstructionImages(shown, os.path.join(run_dir, "logs", "vqvae", "reconstructions"), config.shift,
                              config.grid_every),
     ]
     start = time.time()
     history, stopped_on_nan = fit_resumably(model, splits["train"], run_dir, "vqvae", "history.csv", config.epochs,
-                                            "val_ssim", "max", callbacks)
+                                            "val_ssim", "max", stage_callbacks)
     seconds = time.time() - start
     best_path = os.path.join(run_dir, "vqvae.keras")
     if not stopped_on_nan:
@@ -499,11 +383,11 @@ def fit_prior(network, config, grids, run_dir, name, epochs, log_name, condition
         return code_dataset(grids[split], config.pcnn_batch_size, shuffle, config.seed,
                             None if condition is None else condition[split])
 
-    callbacks = [CosineLearningRate(config.pcnn_learning_rate, epochs),
-                 BitsPerCode(read_history(os.path.join(run_dir, history_file)),
+    stage_callbacks = [callbacks.CosineLearningRate(config.pcnn_learning_rate, epochs),
+                 callbacks.BitsPerCode(read_history(os.path.join(run_dir, history_file)),
                              os.path.join(run_dir, f"{name}_loss.png"), f"{name}: bits per code",
                              np.log2(network.num_embeddings))]
-    fit_resumably(network, dataset("train", True), run_dir, name, history_file, epochs, "val_loss", "min", callbacks,
+    fit_resumably(network, dataset("train", True), run_dir, name, history_file, epochs, "val_loss", "min", stage_callbacks,
                   validation_data=dataset("validate"), log_dir=os.path.join(run_dir, "logs", log_name))
     if not os.path.exists(path):
         raise RuntimeError(f"{name}: the validation loss was never finite, so no prior was saved")

@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
+import callbacks  # noqa: E402
 import driver  # noqa: E402
 import evaluate  # noqa: E402
 import pixelcnn  # noqa: E402
@@ -43,10 +44,10 @@ def fit(model, codes, epochs, batch_size, learning_rate, seed, schedule):
     def dataset(grids, shuffle):
         return train.code_dataset(grids, batch_size, shuffle, seed)
 
-    callbacks = [train.CosineLearningRate(learning_rate, epochs)] if schedule == "cosine" else []
+    schedules = [callbacks.CosineLearningRate(learning_rate, epochs)] if schedule == "cosine" else []
     start = time.time()
     history = model.fit(dataset(codes["train"], True), validation_data=dataset(codes["validate"], False),
-                        epochs=epochs, verbose=2, callbacks=callbacks)
+                        epochs=epochs, verbose=2, callbacks=schedules)
     seconds = time.time() - start
     return {
         "parameters": model.count_params(),

@@ -9,6 +9,10 @@ tf.function (already faster than the keras.io example's `predict` per position).
 cost is the same at every position, so it is timed on the first `--naive-rows` rows and
 extrapolated to the whole grid. The cached sampler is timed on whole grids. Both draw
 with the same seeds, so they must draw the same codes from the same logits.
+
+For a run with a hierarchical prior, the timed network is the bottom PixelCNN over the
+largest grid, given a top grid drawn by the top PixelCNN; the cached time includes drawing
+that top grid.
 """
 
 import argparse
@@ -22,8 +26,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-import files  # noqa: E402
 import driver  # noqa: E402
+import files  # noqa: E402
+import hierarchy  # noqa: E402
 import pixelcnn  # noqa: E402
 import train  # noqa: E402
 import vqvae  # noqa: E402, F401  (registers the saved classes)
@@ -57,25 +62,30 @@ def main():
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
 
-    model = load_or_build(args)
-    print(f"{model.variant} PixelCNN, K={model.num_embeddings}, {model.count_params():,} parameters, "
-          f"batch {args.batch_size}")
+    prior = load_or_build(args)
+    hierarchical = isinstance(prior, hierarchy.HierarchicalPrior)
+    model = prior.bottom if hierarchical else prior
+    print(f"{'hierarchical' if hierarchical else model.variant} prior, K={model.num_embeddings}, "
+          f"{prior.count_params():,} parameters, batch {args.batch_size}")
     results = []
     for size in args.grids:
-        sampler = pixelcnn.Sampler(model, args.batch_size, size, size)
+        sampler = hierarchy.sampler_for(prior, args.batch_size, size, size)
         start = time.time()
         codes = sampler.sample(seed=1)
-        first_call = time.time() - start  # includes tracing the tf.function once
+        first_call = time.time() - start  # includes tracing the tf.functions once
         start = time.time()
         codes = sampler.sample(seed=1)
         fast = time.time() - start
-        exact = float(np.abs(sampler.used_logits().numpy() - model(codes).numpy()).max())
+        condition = sampler.top_grid if hierarchical else None
+        seed = 1 + hierarchy.BOTTOM_SEED_OFFSET if hierarchical else 1
+        inputs = codes if condition is None else (codes, condition)
+        exact = float(np.abs(sampler.used_logits().numpy() - model(inputs).numpy()).max())
 
         positions = args.naive_rows * size
-        pixelcnn.naive_sample(model, args.batch_size, size, size, seed=1, positions=1)  # trace once
+        pixelcnn.naive_sample(model, args.batch_size, size, size, seed=seed, positions=1, condition=condition)
         start = time.time()
-        naive_codes, naive_logits = pixelcnn.naive_sample(model, args.batch_size, size, size, seed=1,
-                                                          positions=positions)
+        naive_codes, naive_logits = pixelcnn.naive_sample(model, args.batch_size, size, size, seed=seed,
+                                                          positions=positions, condition=condition)
         naive = (time.time() - start) / positions * size * size
         fast_logits = sampler.used_logits().numpy().reshape(args.batch_size, size * size, -1)[:, :positions]
         agreement = float(np.abs(naive_logits.numpy() - fast_logits).max())
@@ -92,7 +102,7 @@ def main():
               f"max |logit diff| vs full pass {exact:.1e}, vs naive {agreement:.1e}, same codes {same_codes}",
               flush=True)
     if args.json:
-        files.write_json(args.json, {"model": model.get_config(), "parameters": model.count_params(),
+        files.write_json(args.json, {"model": prior.get_config(), "parameters": prior.count_params(),
                                     "results": results})
 
 

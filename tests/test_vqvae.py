@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import callbacks
 import evaluate
-import train
 import vqvae
 
 
@@ -183,7 +183,7 @@ def test_validation_callback_logs_val_metrics():
     model = vqvae.VQVAE(num_embeddings=8, latent_dim=4, filters=(4, 4), num_res_blocks=0)
     model.compile(optimizer=keras.optimizers.Adam(1e-3))
     dataset = tf.data.Dataset.from_tensor_slices(tiny_images(8)).batch(4)
-    history = model.fit(dataset, epochs=2, verbose=0, callbacks=[train.ValidationMetrics(dataset, verbose=0)])
+    history = model.fit(dataset, epochs=2, verbose=0, callbacks=[callbacks.ValidationMetrics(dataset, verbose=0)])
     for name in ("val_ssim", "val_psnr", "val_perplexity", "val_codebook_usage", "val_loss"):
         assert len(history.history[name]) == 2
 
@@ -214,7 +214,7 @@ def test_score_split():
 
 def test_cosine_learning_rate_decays_over_the_epochs():
     model, _ = fitted_model(epochs=1)
-    schedule = train.CosineLearningRate(0.01, epochs=4)
+    schedule = callbacks.CosineLearningRate(0.01, epochs=4)
     schedule.set_model(model)
     schedule.on_train_begin()
     rates = []
@@ -224,7 +224,7 @@ def test_cosine_learning_rate_decays_over_the_epochs():
     np.testing.assert_allclose(rates, [0.01, 0.01 * (0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi / 4))),
                                        0.01 * (0.05 + 0.95 * 0.5), 0.01 * (0.05 + 0.95 * 0.5 * (1 + np.cos(3 * np.pi / 4)))],
                                rtol=1e-5)
-    timed = train.CosineLearningRate(0.01, epochs=100, minutes=1e-6)  # the time budget is already spent
+    timed = callbacks.CosineLearningRate(0.01, epochs=100, minutes=1e-6)  # the time budget is already spent
     timed.set_model(model)
     timed.on_train_begin()
     time.sleep(0.01)
@@ -235,7 +235,7 @@ def test_cosine_learning_rate_decays_over_the_epochs():
 def test_time_limit_stops_before_an_epoch_would_overrun():
     model, _ = fitted_model(epochs=1)
     for minutes, stops in ((1e-5, True), (60.0, False)):
-        limit = train.TimeLimit(minutes)
+        limit = callbacks.TimeLimit(minutes)
         limit.set_model(model)
         model.stop_training = False
         limit.on_train_begin()
