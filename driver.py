@@ -57,12 +57,12 @@ class Config:
     grid_every: int = option(1, "reconstruction grid and TensorBoard images every N epochs (0 = only at the end)")
     cmap: str = option("gray", "matplotlib colormap for image grids")
     demo_dir: str = option("demo_data", "where the demo data is written when --data is not given")
-    pcnn_epochs: int = option(5, "PixelCNN prior training epochs (0 = train no prior)")
+    pcnn_epochs: int = option(8, "PixelCNN prior training epochs (0 = train no prior)")
     pcnn_learning_rate: float = option(3e-3, "PixelCNN Adam learning rate at the start, decayed along a half cosine "
                                              "to 5% of it over --pcnn-epochs")
-    pcnn_variant: str = option("gated", "'gated' (vertical and horizontal stacks, no blind spot), 'plain' (keras.io) or "
-                                        "'hierarchical' (a gated prior over a coarse top grid, then a gated one over the "
-                                        "codes given it)")
+    pcnn_variant: str = option("hierarchical", "'hierarchical' (a gated prior over a coarse top grid, then a gated "
+                                               "one over the codes given it), 'gated' (vertical and horizontal "
+                                               "stacks, no blind spot) or 'plain' (keras.io)")
     pcnn_filters: int = option(35, "PixelCNN channels")
     pcnn_layers: int = option(3, "gated layers ('gated'), or 1x1 mask-B layers after the residual blocks ('plain')")
     pcnn_res_blocks: int = option(2, "residual blocks with 3x3 mask-B convolutions ('plain' only)")
@@ -72,9 +72,9 @@ class Config:
                                      "mean code vectors of blocks of codes")
     pcnn_top_factor: int = option(4, "hierarchical prior: the side of those blocks, in codes (4: a 64x64 grid has a "
                                      "16x16 top grid)")
-    pcnn_top_filters: int = option(64, "hierarchical prior: channels of the top PixelCNN (its head is 4x as wide)")
+    pcnn_top_filters: int = option(48, "hierarchical prior: channels of the top PixelCNN (its head is 4x as wide)")
     pcnn_top_layers: int = option(12, "hierarchical prior: gated layers of the top PixelCNN")
-    pcnn_top_epochs: int = option(30, "hierarchical prior: training epochs of the top PixelCNN (the one over the "
+    pcnn_top_epochs: int = option(12, "hierarchical prior: training epochs of the top PixelCNN (the one over the "
                                       "codes trains for --pcnn-epochs)")
     samples: int = option(16, "new slices sampled at the end of the run")
     temperature: float = option(1.0, "sampling temperature (< 1: more typical samples, > 1: more varied)")

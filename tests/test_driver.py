@@ -16,9 +16,11 @@ import tensorflow as tf
 import driver
 
 PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The flat gated prior (its own files and logs are checked here); the hierarchical default has
+# its own test below.
 TINY = ["--K", "8", "--D", "4", "--filters", "4", "8", "--res-blocks", "1", "--batch-size", "4",
         "--learning-rate", "3e-3", "--pcnn-epochs", "2", "--pcnn-filters", "8", "--pcnn-layers", "2",
-        "--samples", "3"]
+        "--samples", "3", "--pcnn-variant", "gated"]
 
 
 # What TensorFlow's C++ logging looks like; none of it may reach a user's terminal.
@@ -52,7 +54,7 @@ def test_help_lists_every_flag_with_its_default():
                  "--out", "--seed", "--image-size"):
         assert flag in text
     for default in ("--K K number of codebook vectors (num_embeddings) (default: 128)",
-                    "(default: 0.25)", "(default: 16 32)", "(default: gated)"):
+                    "(default: 0.25)", "(default: 16 32)", "(default: hierarchical)"):
         assert default in text
     assert "reconstruct" in text and "sample" in text
 

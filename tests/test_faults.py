@@ -29,7 +29,7 @@ from conftest import phantom, write_nifti, write_png
 PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--K", "8", "--D", "4", "--filters", "4", "8", "--res-blocks", "1", "--batch-size", "4",
         "--learning-rate", "3e-3", "--pcnn-filters", "8", "--pcnn-layers", "2", "--samples", "2",
-        "--grid-every", "0"]
+        "--grid-every", "0", "--pcnn-variant", "gated"]
 
 
 # ---------------------------------------------------------------------------
