@@ -11,6 +11,8 @@ python driver.py --data "$DATA/oasis_like" --epochs 12 --max-minutes 18 --pcnn-e
 python driver.py --data "$DATA/hipmri_like" --epochs 12 --max-minutes 18 --pcnn-epochs 0 --out "$OUT-hipmri"
 python driver.py evaluate --run "$OUT-oasis" --samples 16
 python benchmarks/sampling.py --run "$OUT-oasis" --json "$OUT-oasis/sampling_benchmark.json"
+python driver.py --data "$DATA/oasis_like" --pcnn-variant gated --out "$OUT-oasis-gated"
+python benchmarks/realism.py --runs "$OUT-oasis-gated" "$OUT-oasis" --json "$OUT-oasis/realism.json"
 python benchmarks/prior_variants.py --run "$OUT-oasis" --epochs 12 --json "$OUT-oasis/prior_variants.json"
 python benchmarks/codebook.py --data "$DATA/oasis_like" --K 128 512 --minutes 6 --image-size 128 \
     --out "$OUT-codebook" --json "$OUT-codebook/codebook.json"
@@ -23,6 +25,8 @@ for name in loss ssim reconstructions code_maps pixelcnn_loss; do
     cp "$OUT-oasis/$name.png" "resources/oasis_$name.png"
 done
 cp "$OUT-oasis/samples/samples.png" resources/oasis_samples.png
+cp "$OUT-oasis/samples/samples.png" resources/oasis_samples_hierarchical.png
+cp "$OUT-oasis-gated/samples/samples.png" resources/oasis_samples_gated.png
 for name in samples_nearest codebook_usage ssim_histogram worst_reconstructions; do
     cp "$OUT-oasis/evaluation/$name.png" "resources/oasis_eval_$name.png"
 done
