@@ -57,12 +57,14 @@ class HierarchicalPrior(keras.Model):
         self(tf.zeros((1, self.factor, self.factor), tf.int32))  # built, so it saves and loads as is
 
     def block_vectors(self, codes):
-        """(B, h / f, w / f, D): the mean code vector of each factor x factor block."""
+        """(B, ceil(h / f), ceil(w / f), D): the mean code vector of each factor x factor
+        block (blocks at the bottom and right edges may be partial: `SAME` pooling averages
+        only the codes they hold)."""
         vectors = tf.gather(self.codebook, tf.cast(codes, tf.int32))
-        return tf.nn.avg_pool2d(vectors, self.factor, self.factor, "VALID")
+        return tf.nn.avg_pool2d(vectors, self.factor, self.factor, "SAME")
 
     def top_codes(self, codes):
-        """(B, h, w) bottom codes -> (B, h / f, w / f) top codes."""
+        """(B, h, w) bottom codes -> (B, ceil(h / f), ceil(w / f)) top codes."""
         blocks = self.block_vectors(codes)
         nearest = vqvae.nearest_rows(tf.reshape(blocks, (-1, self.latent_dim)), self.top_codebook)
         return tf.reshape(nearest, tf.shape(blocks)[:3])
@@ -85,9 +87,16 @@ class HierarchicalPrior(keras.Model):
         """(B, h, w) negative log-likelihood in nats per bottom code: the bottom prior's, plus
         each top code's spread evenly over its block."""
         top = self.top_codes(codes)
-        spread = self.top.code_nll(top) / self.factor**2
+        height, width = tf.shape(codes)[1], tf.shape(codes)[2]
+        spread = self.top.code_nll(top) / self.block_sizes(height, width)
         spread = tf.repeat(tf.repeat(spread, self.factor, axis=1), self.factor, axis=2)
-        return self.bottom.code_nll((codes, top)) + spread
+        return self.bottom.code_nll((codes, top)) + spread[:, :height, :width]
+
+    def block_sizes(self, height, width):
+        """(ceil(h / f), ceil(w / f)): how many codes each block of an (h, w) grid holds."""
+        rows = tf.minimum(self.factor, height - tf.range(0, height, self.factor))
+        columns = tf.minimum(self.factor, width - tf.range(0, width, self.factor))
+        return tf.cast(rows[:, None] * columns[None, :], tf.float32)
 
     def get_config(self):
         return {"num_embeddings": self.num_embeddings, "latent_dim": self.latent_dim,
@@ -100,9 +109,8 @@ class HierarchicalSampler:
     `pixelcnn.Sampler`, then the bottom grid given it with another."""
 
     def __init__(self, prior, batch_size, height, width):
-        if height % prior.factor or width % prior.factor:
-            raise ValueError(f"a {height}x{width} grid does not split into {prior.factor}x{prior.factor} blocks")
-        self.top = pixelcnn.Sampler(prior.top, batch_size, height // prior.factor, width // prior.factor)
+        top_height, top_width = -(-height // prior.factor), -(-width // prior.factor)
+        self.top = pixelcnn.Sampler(prior.top, batch_size, top_height, top_width)
         self.bottom = pixelcnn.Sampler(prior.bottom, batch_size, height, width)
         self.top_grid = None
 

@@ -149,7 +149,7 @@ class PixelCNN(keras.Model):
 
     With `condition_classes` > 0 (gated only) the prior is conditional (van den Oord et al.
     2016, section 2.3): it takes `(codes, condition)`, where `condition` is a coarser
-    (B, h / condition_factor, w / condition_factor) int grid; its embedding, repeated up to
+    (B, ceil(h / condition_factor), ceil(w / condition_factor)) int grid; its embedding, repeated up to
     the code grid, is added through its own 1x1 layers into both stacks of every gated layer.
     The condition is given whole (it is not predicted), so it may look anywhere."""
 
@@ -223,11 +223,12 @@ class PixelCNN(keras.Model):
             return [self.first] + [block[1] for block in self.res_blocks] + self.pixel_layers
         return [layer for block in self.gated_layers for layer in block[:2]]
 
-    def condition_terms(self, condition):
-        """What a (B, h / f, w / f) condition grid adds to each gated layer: a list of
-        (vertical, horizontal) (B, h, w, 2 * filters) terms."""
+    def condition_terms(self, condition, height, width):
+        """What a (B, ceil(h / f), ceil(w / f)) condition grid adds to each gated layer of an
+        (h, w) code grid: a list of (vertical, horizontal) (B, h, w, 2 * filters) terms."""
         c = self.condition_embedding(condition)
         c = tf.repeat(tf.repeat(c, self.condition_factor, axis=1), self.condition_factor, axis=2)
+        c = c[:, :height, :width]  # the last block row and column may overhang the grid
         return [(to_vertical(c), to_horizontal(c)) for to_vertical, to_horizontal in self.condition_layers]
 
     def vertical(self, x, conv, condition=None):
@@ -273,7 +274,7 @@ class PixelCNN(keras.Model):
         codes, condition = inputs if self.condition_classes else (inputs, None)
         x = self.embedding(codes)
         whole_grid = lambda layer, tensor: layer(tensor)  # noqa: E731
-        terms = self.condition_terms(condition) if self.condition_classes else None
+        terms = self.condition_terms(condition, tf.shape(codes)[1], tf.shape(codes)[2]) if self.condition_classes else None
         add = (lambda index, stack: terms[index][stack]) if terms else None  # noqa: E731
         return self.horizontal(x, self.vertical(x, whole_grid, add), whole_grid, add)
 
@@ -352,7 +353,8 @@ class Sampler(tf.Module):
         if self.condition:
             if condition is None:
                 raise ValueError("this prior is conditional: give sample() its condition grid")
-            for variables, terms in zip(self.condition, self.model.condition_terms(tf.constant(condition))):
+            terms_per_layer = self.model.condition_terms(tf.constant(condition), self.height, self.width)
+            for variables, terms in zip(self.condition, terms_per_layer):
                 for variable, term in zip(variables, terms):
                     variable.assign(tf.transpose(term, (1, 2, 0, 3)))
 

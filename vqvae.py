@@ -13,10 +13,9 @@ keras.io VQ-VAE example, with the fixes that keep the codebook healthy:
    normalisation. Each entry of `filters` is one stride-2 stage, so (16, 64) turns a
    256x256 slice into a 64x64 grid of codes.
 3. `VQVAE`: the model, whose `train_step` minimises reconstruction MSE plus the quantizer
-   loss, and tracks SSIM, PSNR and the codebook's perplexity and usage over each epoch.
-4. `ValidationMetrics`: a callback that scores the whole validation split after each epoch.
+   loss (computed once per step), and tracks SSIM, PSNR and the codebook's perplexity and
+   usage over each epoch. Training it (callbacks, checkpoints, resuming) is `train.py`'s job.
 """
-
 
 import keras
 import tensorflow as tf

@@ -2,7 +2,6 @@
 
 import keras
 import numpy as np
-import pytest
 import tensorflow as tf
 
 import hierarchy
@@ -53,8 +52,16 @@ def test_sampler_is_exact_and_draws_bottom_grids_given_the_top(tmp_path):
                                atol=1e-4)
     np.testing.assert_allclose(sampler.top.used_logits().numpy(), prior.top(sampler.top_grid).numpy(), atol=1e-4)
     np.testing.assert_array_equal(hierarchy.sampler_for(prior, 3, 8, 6).sample(1.0, seed=5).numpy(), codes.numpy())
-    with pytest.raises(ValueError, match="does not split into 2x2 blocks"):
-        hierarchy.sampler_for(prior, 1, 7, 6)
+    # A grid the blocks do not divide (HipMRI's 64x53): the last top row and column cover part blocks.
+    odd = hierarchy.sampler_for(prior, 2, 7, 5)
+    odd_codes = odd.sample(1.0, seed=2)
+    assert odd_codes.shape == (2, 7, 5) and odd.top_grid.shape == (2, 4, 3)
+    np.testing.assert_allclose(odd.used_logits().numpy(), prior.bottom((odd_codes, odd.top_grid)).numpy(), atol=1e-4)
+    total = tf.reduce_sum(prior.code_nll(odd_codes), axis=(1, 2)).numpy()
+    top = prior.top_codes(odd_codes)
+    expected = (tf.reduce_sum(prior.top.code_nll(top), axis=(1, 2))
+                + tf.reduce_sum(prior.bottom.code_nll((odd_codes, top)), axis=(1, 2))).numpy()
+    np.testing.assert_allclose(total, expected, rtol=1e-5)  # part blocks spread their NLL over fewer codes
 
     path = str(tmp_path / "prior.keras")
     prior.save(path)
