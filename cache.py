@@ -2,7 +2,8 @@
 
 `cache_split` runs `data.decoded_slices` over a split once and stores its slices as uint16
 pixels (exact for 8-bit PNGs, within 1e-5 for NIfTI) in shards of about 32 MB, with a
-manifest naming the shards, the slice count and the files skipped with their reasons. The
+manifest naming the shards, the slice count, each slice's position in its volume
+(`data.slice_positions`, -1 where unknown) and the files skipped with their reasons. The
 cache folder is keyed by every file's path, size and modification time, the image size
 and the NIfTI slicing settings, so any run of the same files at the same size reuses it.
 `cached_dataset` reads a split back as batched, prefetched float32 (B, H, W, 1) slices: in
@@ -24,7 +25,7 @@ from files import read_json, write_json
 
 SHUFFLE_BUFFER = 512  # slices
 SHARD_BYTES = 32 * 2**20  # target size of one cache shard
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the manifest holds each slice's position
 # Per process, so several workers writing one shared cache never write the same file; each
 # then renames identical shards into place.
 PARTIAL_SHARD = f".partial-{os.getpid()}.tfrecord"
@@ -60,18 +61,19 @@ def cache_split(source, split, image_size, cache_dir, slice_axis=-1, volume_inde
     dataset, skipped = decoded_slices(source, split, image_size, slice_axis, volume_index)
     height, width = image_size
     per_shard = max(1, SHARD_BYTES // (2 * height * width))
-    shards, count, writer = [], 0, None
+    shards, positions, count, writer = [], [], 0, None
     progress = None
     if verbose:
         print(f"caching {split}: decoding each slice once into the cache", flush=True)
         progress = data.progress_bar(count_slices(source, split, slice_axis), "slice")
-    for image in dataset:
+    for image, position in dataset:
         if count % per_shard == 0:
             if writer:
                 finish_shard(writer, folder, shards)
             writer = (tf.io.TFRecordWriter(os.path.join(folder, PARTIAL_SHARD)), len(shards))
         pixels = np.round(np.clip(image.numpy()[..., 0], 0.0, 1.0) * 65535).astype("<u2")
         writer[0].write(pixels.tobytes())
+        positions.append(round(float(position), 4))
         count += 1
         if progress and count % 64 == 0 and count < progress.target:
             progress.update(count)
@@ -85,7 +87,8 @@ def cache_split(source, split, image_size, cache_dir, slice_axis=-1, volume_inde
         raise DataError(f"--data {source.root}: no usable slices in the {split} split "
                         f"({len(skipped)} of {len(source.files[split])} files skipped{': ' + reasons if reasons else ''})")
     manifest = {"split": split, "slices": count, "image_size": [height, width], "shards": shards,
-                "files": len(source.files[split]), "skipped": [list(item) for item in sorted(skipped)]}
+                "positions": positions, "files": len(source.files[split]),
+                "skipped": [list(item) for item in sorted(skipped)]}
     write_json(manifest_path, manifest)
     manifest["shards"] = [os.path.join(folder, name) for name in shards]
     return manifest

@@ -25,6 +25,11 @@ Every slice is resized to fit `image_size` with its aspect ratio kept and zero p
 `decoded_slices` gives every slice of a split once; `cache.py` stores them as TFRecord
 shards and every epoch reads those back, so files are decoded only once.
 
+Slice position: each slice also carries its relative level in its volume, in [0, 1]
+(`slice_positions`): the slice number in names such as `case_001_slice_12.nii.png` over
+the range of its case's slice numbers, or the slice index of a 3D volume; `UNKNOWN_POSITION`
+(-1) where there is none. The hierarchical prior can be conditioned on it.
+
 Bad input: a file that cannot be used (truncated or corrupt, not an image, unreadable, all
 NaN, a zero-size axis) is skipped, and named with its reason in the log and the cache's
 manifest; one bad file among thousands should not end a run. A data folder that cannot be
@@ -46,6 +51,8 @@ PNG_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
 PERCENTILES = (0.5, 99.5)
+UNKNOWN_POSITION = -1.0
+SLICE_NUMBER = re.compile(r"_slice_(\d+)")
 
 
 class DataError(ValueError):
@@ -102,7 +109,28 @@ def case_id(path):
         if name.lower().endswith(suffix):
             name = name[: -len(suffix)]
             break
-    return re.sub(r"_slice_\d+$", "", name)
+    return re.sub(r"_slice_\d+(\.nii)?$", "", name)  # `x_slice_3.nii.png`, as OASIS names them
+
+
+def slice_positions(files):
+    """{path: relative position in [0, 1]} of files named `..._slice_K...`: K over the range
+    of slice numbers among the files of the same case (the lowest 0, the highest 1). Files
+    with no slice number, and cases with a single numbered slice, are left out (unknown)."""
+    numbers = {}
+    for path in files:
+        match = SLICE_NUMBER.search(os.path.basename(path))
+        if match:
+            numbers[path] = int(match.group(1))
+    ranges = {}
+    for path, number in numbers.items():
+        low, high = ranges.get(case_id(path), (number, number))
+        ranges[case_id(path)] = (min(low, number), max(high, number))
+    positions = {}
+    for path, number in numbers.items():
+        low, high = ranges[case_id(path)]
+        if high > low:
+            positions[path] = (number - low) / (high - low)
+    return positions
 
 
 def split_by_case(files, seed, fractions=SPLIT_FRACTIONS):
@@ -311,28 +339,33 @@ def error_reason(error):
 
 
 def png_dataset(folder, image_size):
-    """Unbatched (H, W, 1) float32 slices in [0, 1] from a folder of PNG files, in file
-    order. Files that cannot be decoded are dropped (`readable_images` names them)."""
+    """Unbatched ((H, W, 1) float32 slice in [0, 1], position) pairs from a folder of PNG
+    files, in file order. Files that cannot be decoded are dropped (`readable_images` names
+    them). The positions go in as `image_dataset_from_directory`'s labels (in thousandths),
+    so a dropped file takes its position with it."""
     import keras
 
-    dataset = keras.utils.image_dataset_from_directory(
-        folder,
-        labels=None,
-        color_mode="grayscale",
-        image_size=tuple(image_size),
-        pad_to_aspect_ratio=True,
-        batch_size=None,
-        shuffle=False,
-        verbose=False,
-    )
-    return dataset.ignore_errors().map(lambda image: image / 255.0, num_parallel_calls=tf.data.AUTOTUNE)
+    def read(labels):
+        return keras.utils.image_dataset_from_directory(
+            folder, labels=labels, label_mode="int" if labels else None, color_mode="grayscale",
+            image_size=tuple(image_size), pad_to_aspect_ratio=True, batch_size=None, shuffle=False, verbose=False)
+
+    paths = read(None).file_paths  # the files it reads, in its order
+    positions = slice_positions(paths)
+    labels = [round(1000 * positions.get(path, UNKNOWN_POSITION)) for path in paths]
+    if not labels:
+        return read(None).map(lambda image: (image, UNKNOWN_POSITION))
+    return read(labels).ignore_errors().map(lambda image, label: (image / 255.0, tf.cast(label, tf.float32) / 1000.0),
+                                            num_parallel_calls=tf.data.AUTOTUNE)
 
 
 def nifti_dataset(files, image_size, slice_axis=-1, volume_index=0, skipped=None):
-    """Unbatched (H, W, 1) float32 slices in [0, 1] from NIfTI files, in file order.
+    """Unbatched ((H, W, 1) float32 slice in [0, 1], position) pairs from NIfTI files, in
+    file order (a volume's slices interleaved with the next files').
 
     Files are read by a nibabel generator, several in parallel through `interleave`.
     A file that cannot be used is skipped and (path, reason) appended to `skipped`."""
+    named = slice_positions(files)
 
     def generate(path):
         path = path.decode()
@@ -343,24 +376,27 @@ def nifti_dataset(files, image_size, slice_axis=-1, volume_index=0, skipped=None
                 raise
             skipped.append((path, str(error).removeprefix(f"{path}: ")))
             return
-        for image in slices:
-            yield image[..., None]
+        for index, image in enumerate(slices):
+            position = index / (len(slices) - 1) if len(slices) > 1 else named.get(path, UNKNOWN_POSITION)
+            yield image[..., None], np.float32(position)
 
     def read_file(path):
         return tf.data.Dataset.from_generator(
             generate,
             args=(path,),
-            output_signature=tf.TensorSpec(shape=(None, None, 1), dtype=tf.float32),
+            output_signature=(tf.TensorSpec(shape=(None, None, 1), dtype=tf.float32),
+                              tf.TensorSpec(shape=(), dtype=tf.float32)),
         )
 
     paths = tf.data.Dataset.from_tensor_slices(list(files))
     dataset = paths.interleave(read_file, cycle_length=4, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return dataset.map(lambda image: fit_to_size(image, image_size), num_parallel_calls=tf.data.AUTOTUNE)
+    return dataset.map(lambda image, position: (fit_to_size(image, image_size), position),
+                       num_parallel_calls=tf.data.AUTOTUNE)
 
 
 def decoded_slices(source, split, image_size, slice_axis=-1, volume_index=0):
-    """Every slice of a split, decoded, normalised and resized, in file order, and the
-    files skipped as (path, reason)."""
+    """Every slice of a split, decoded, normalised and resized, with its position, in file
+    order, and the files skipped as (path, reason)."""
     files = source.files[split]
     skipped = []
     if not source.is_png:
@@ -368,19 +404,22 @@ def decoded_slices(source, split, image_size, slice_axis=-1, volume_index=0):
     if source.layout == "oasis":
         dataset = png_dataset(os.path.join(source.root, OASIS_DIRS[split]), image_size)
     else:
-        dataset = tf.data.Dataset.from_tensor_slices(files).map(
-            lambda path: fit_to_size(decode_png(path), image_size), num_parallel_calls=tf.data.AUTOTUNE)
+        positions = slice_positions(files)
+        pairs = (list(files), [positions.get(path, UNKNOWN_POSITION) for path in files])
+        dataset = tf.data.Dataset.from_tensor_slices(pairs).map(
+            lambda path, position: (fit_to_size(decode_png(path), image_size), position),
+            num_parallel_calls=tf.data.AUTOTUNE)
     return naming_unreadable(dataset.ignore_errors(), files, skipped), skipped
 
 
 def naming_unreadable(dataset, files, skipped):
-    """Yield a PNG dataset's slices (each file decoded once); if fewer came out than there
-    are files, find the ones that could not be decoded and add them to `skipped` with their
-    reasons (only then is each file decoded a second time)."""
+    """Yield a PNG dataset's (slice, position) pairs (each file decoded once); if fewer came
+    out than there are files, find the ones that could not be decoded and add them to
+    `skipped` with their reasons (only then is each file decoded a second time)."""
     count = 0
-    for image in dataset:
+    for pair in dataset:
         count += 1
-        yield image
+        yield pair
     if count < len(files):
         skipped.extend(readable_images(files)[1])
 

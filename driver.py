@@ -5,6 +5,7 @@
     python driver.py reconstruct --run RUN_DIR --data DIR
     python driver.py sample --run RUN_DIR --n 16
     python driver.py evaluate --run RUN_DIR           # metrics.json and report.html
+    python driver.py anomaly --run RUN_DIR --data DIR # anomaly maps of new slices
     python driver.py -h                               # every option, with its default
 
 Only the command line: one `Config` holds every setting (defaults and help text live there
@@ -20,7 +21,7 @@ import sys
 
 import runs
 
-COMMANDS = ("train", "reconstruct", "sample", "evaluate")
+COMMANDS = ("train", "reconstruct", "sample", "evaluate", "anomaly")
 VERBOSE_HELP = "show TensorFlow's own log lines (hidden by default)"
 WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 
@@ -39,14 +40,17 @@ class Config:
     K: int = option(128, "number of codebook vectors (num_embeddings)")
     D: int = option(64, "size of each codebook vector (latent_dim)")
     beta: float = option(0.25, "weight of the commitment loss")
-    filters: list = option((16, 32), "channels of each stride-2 encoder stage (mirrored in the decoder); the number "
-                                     "of values sets the downsampling: 2 values = /4")
+    filters: list = option((16, 32), "channels of each stride-2 encoder stage (mirrored in the decoder): 2 values = /4")
     res_blocks: int = option(2, "residual blocks in the encoder and in the decoder")
+    ssim_weight: float = option(0.0, "weight of an SSIM term in the reconstruction loss: MSE + W x (1 - SSIM)")
+    norm: str = option("batch", "normalisation after each convolution: 'batch', 'group' (per slice) or 'none'")
     ema_decay: float = option(0.99, "decay of the EMA codebook updates; 0 = loss-based codebook (keras.io recipe)")
     codebook_init: str = option("kmeans", "'kmeans' on the first batch of encoder outputs, or 'uniform' random")
     dead_code_steps: int = option(10, "restart a code unused for this many training steps (0 = never)")
     epochs: int = option(15, "VQ-VAE training epochs")
     batch_size: int = option(8, "slices per batch")
+    weights_ema: float = option(0.0, "validate and save an exponential moving average of the weights with this "
+                                     "momentum, e.g. 0.99 (0 = the weights as trained)")
     learning_rate: float = option(2e-3, "Adam learning rate at the start, decayed along a half cosine to 5% of it "
                                         "over --epochs (or --max-minutes, if that comes first)")
     shift: float = option(-0.5, "added to the [0, 1] intensities before training")
@@ -58,8 +62,7 @@ class Config:
     cmap: str = option("gray", "matplotlib colormap for image grids")
     demo_dir: str = option("demo_data", "where the demo data is written when --data is not given")
     pcnn_epochs: int = option(8, "PixelCNN prior training epochs (0 = train no prior)")
-    pcnn_learning_rate: float = option(3e-3, "PixelCNN Adam learning rate at the start, decayed along a half cosine "
-                                             "to 5% of it over --pcnn-epochs")
+    pcnn_learning_rate: float = option(3e-3, "PixelCNN Adam learning rate at the start, decayed like --learning-rate")
     pcnn_variant: str = option("hierarchical", "'hierarchical' (a gated prior over a coarse top grid, then a gated "
                                                "one over the codes given it), 'gated' (vertical and horizontal "
                                                "stacks, no blind spot) or 'plain' (keras.io)")
@@ -68,25 +71,23 @@ class Config:
     pcnn_res_blocks: int = option(2, "residual blocks with 3x3 mask-B convolutions ('plain' only)")
     pcnn_head_units: int = option(140, "width of the PixelCNN's 1x1 layer before the logits (0 = --pcnn-filters)")
     pcnn_batch_size: int = option(32, "code grids per PixelCNN batch")
-    pcnn_top_codes: int = option(64, "hierarchical prior: codes of the top grid, the centres k-means finds among the "
-                                     "mean code vectors of blocks of codes")
-    pcnn_top_factor: int = option(4, "hierarchical prior: the side of those blocks, in codes (4: a 64x64 grid has a "
-                                     "16x16 top grid)")
+    pcnn_top_codes: int = option(64, "hierarchical prior: codes of the top grid (k-means of blocks of code vectors)")
+    pcnn_top_factor: int = option(4, "hierarchical prior: the side of those blocks, in codes (4: 64x64 -> 16x16)")
     pcnn_top_filters: int = option(48, "hierarchical prior: channels of the top PixelCNN (its head is 4x as wide)")
     pcnn_top_layers: int = option(12, "hierarchical prior: gated layers of the top PixelCNN")
-    pcnn_top_epochs: int = option(12, "hierarchical prior: training epochs of the top PixelCNN (the one over the "
-                                      "codes trains for --pcnn-epochs)")
+    pcnn_top_epochs: int = option(12, "hierarchical prior: training epochs of the top PixelCNN")
+    pcnn_mirror: bool = option(True, "train the prior on the training slices mirrored left to right too (2x grids)")
+    pcnn_position_bins: int = option(0, "hierarchical prior: condition the top grid on the slice's level in its "
+                                        "volume, in this many bins (0 = no position)")
     samples: int = option(16, "new slices sampled at the end of the run")
     temperature: float = option(1.0, "sampling temperature (< 1: more typical samples, > 1: more varied)")
-    cache: str = option(None, "folder for the decoded slices (TFRecord shards, 2 bytes per pixel), reused by any run "
-                              "of the same files at the same size (default: RUN/cache)")
+    cache: str = option(None, "folder for the decoded slices, shared by runs of the same files (default: RUN/cache)")
     strategy: str = option("default", "tf.distribute strategy: 'default' (one device), 'mirrored' (local GPUs) or "
                                       "'multiworker' (machines in TF_CONFIG); --batch-size is the global batch")
     jit: bool = option(False, "compile the training steps with XLA")
     mixed_precision: bool = option(False, "train the VQ-VAE in float16 with float32 weights (for GPUs; slow on CPU)")
     deterministic: bool = option(True, "repeatable runs for a given --seed (TensorFlow's op determinism)")
-    resume: str = option(None, "continue the killed run in this folder after its last completed epoch, with its "
-                               "config.json")
+    resume: str = option(None, "continue the killed run in this folder after its last completed epoch")
 
     @classmethod
     def from_saved(cls, saved):
@@ -139,7 +140,9 @@ SAMPLE = ("sample", "Sample new slices from a trained run: loads RUN/vqvae.keras
           "run folder holding vqvae.keras and pixelcnn.keras", [
               ("--n", int, 16, "how many slices"), ("--temperature", float, 1.0, "sampling temperature"),
               ("--seed", int, 0, "random seed"), ("--batch-size", int, 16, "slices sampled at once"),
-              ("--out", str, None, "output folder (default: RUN/samples-seed<SEED>)")])
+              ("--position", float, None, "level to sample, 0 (a volume's first slice) to 1 (its last), for a prior "
+                                          "with --pcnn-position-bins (default: as often as in the training slices)"),
+              ("--out", str, None, "output folder (default: RUN/samples-seed<SEED>[-position<P>])")])
 EVALUATE = ("evaluate", "Score a trained run on the whole test split (SSIM, PSNR, MS-SSIM, codebook use, prior bits "
             "per code, and samples against real slices) and write RUN/metrics.json and a self-contained "
             "RUN/report.html.", "run folder holding vqvae.keras (and pixelcnn.keras)", [
@@ -147,6 +150,16 @@ EVALUATE = ("evaluate", "Score a trained run on the whole test split (SSIM, PSNR
                 ("--samples", int, 160, "slices to sample and compare with real ones (150+ for the C2ST); 0 = skip"),
                 ("--temperature", float, 1.0, "sampling temperature"), ("--seed", int, 0, "sampling seed"),
                 ("--batch-size", int, 16, "slices per batch")])
+
+ANOMALY = ("anomaly", "Anomaly maps of every slice in a folder, from a run trained on healthy brains: the codes its "
+           "prior finds unlikely are redrawn ('healed'), and the map is where the healed slice differs.",
+           "run folder holding vqvae.keras and pixelcnn.keras", [
+               ("--data", str, None, "folder of PNG or NIfTI files, or a root with split folders (see --split)"),
+               ("--split", str, "test", "split to use when --data has split folders"),
+               ("--out", str, None, "output folder (default: RUN/anomaly-<folder name>)"),
+               ("--draws", int, 4, "healed versions averaged per slice"),
+               ("--quantile", float, 0.995, "redraw the codes whose NLL is above this quantile of the validation's"),
+               ("--batch-size", int, 4, "slices healed at once"), ("--seed", int, 0, "random seed")])
 
 
 def require(checks):
@@ -157,12 +170,13 @@ def require(checks):
 
 
 # Flag checks: the smallest value of each count, what must be positive, what has fixed choices.
-MINIMUM = dict(K=2, D=1, epochs=1, batch_size=1, beta=0, dead_code_steps=0, res_blocks=0, max_minutes=0, grid_every=0,
-               volume_index=0, pcnn_epochs=0, pcnn_filters=2, pcnn_res_blocks=0, pcnn_batch_size=1, samples=0,
-               pcnn_top_codes=2, pcnn_top_factor=2, pcnn_top_filters=2, pcnn_top_layers=1, pcnn_top_epochs=1)
+MINIMUM = dict(K=2, D=1, epochs=1, batch_size=1, beta=0, ssim_weight=0, dead_code_steps=0, res_blocks=0,
+               max_minutes=0, grid_every=0, volume_index=0, pcnn_epochs=0, pcnn_filters=2, pcnn_res_blocks=0,
+               pcnn_batch_size=1, samples=0, pcnn_top_codes=2, pcnn_top_factor=2, pcnn_top_filters=2,
+               pcnn_top_layers=1, pcnn_top_epochs=1, pcnn_position_bins=0)
 POSITIVE = ("learning_rate", "pcnn_learning_rate", "temperature")
-CHOICES = dict(codebook_init=("kmeans", "uniform"), pcnn_variant=("plain", "gated", "hierarchical"),
-               strategy=("default", "mirrored", "multiworker"))
+CHOICES = dict(codebook_init=("kmeans", "uniform"), norm=("batch", "group", "none"),
+               pcnn_variant=("plain", "gated", "hierarchical"), strategy=("default", "mirrored", "multiworker"))
 
 
 def flag(name):
@@ -178,7 +192,7 @@ def check(values, minimum, positive=(), choices=None):
             + [(getattr(values, name) > 0, f"{flag(name)} must be > 0, got {getattr(values, name)}")
                for name in positive]
             + [(getattr(values, name) in options, f"{flag(name)} must be {listed(options)}, "
-                                                  f"got {getattr(values, name)!r}") for name, options in (choices or {}).items()])
+                f"got {getattr(values, name)!r}") for name, options in (choices or {}).items()])
 
 
 def validate(config):
@@ -187,6 +201,7 @@ def validate(config):
     check(c, MINIMUM, POSITIVE, CHOICES)
     require([
         (0 <= c.ema_decay < 1, f"--ema-decay must be in [0, 1), got {c.ema_decay}"),
+        (0 <= c.weights_ema < 1, f"--weights-ema must be in [0, 1), got {c.weights_ema}"),
         (len(c.filters) >= 1 and min(c.filters) >= 1, f"--filters must be positive channel counts, got {c.filters}"),
         (c.pcnn_layers >= (0 if c.pcnn_variant == "plain" else 1), f"--pcnn-layers must be >= 1 for a gated prior, "
                                                                     f">= 0 for the plain one, got {c.pcnn_layers}"),
@@ -221,7 +236,6 @@ def train(config):
     last completed epoch."""
     validate(config)
     import files
-    import sample
     import train as stages
 
     strategy = stages.make_strategy(config.strategy)  # before any other TensorFlow work
@@ -244,21 +258,7 @@ def train(config):
         metrics.update(vqvae_train_seconds=round(seconds, 1), epochs_run=len(history["loss"]))
         files.write_json(metrics_path, metrics)
     if config.pcnn_epochs:
-        if "prior_test_bits_per_code" in metrics:
-            print("the prior finished before the run stopped: loading pixelcnn.keras", flush=True)
-            prior = runs.load_model(run_dir, "pixelcnn.keras")
-        else:
-            prior, prior_metrics, _ = stages.train_prior(config, model, splits, run_dir, strategy)
-            metrics.update(prior_metrics)
-            files.write_json(metrics_path, metrics)
-        if config.samples:
-            grid_shape = [size // model.downsampling for size in image_size]
-            _, seconds = sample.write_samples(model, prior, grid_shape, config.samples,
-                                              os.path.join(run_dir, "samples"), config.temperature, config.seed,
-                                              cmap=config.cmap, real=shown["test"] - config.shift,
-                                              log_dir=os.path.join(run_dir, "logs", "prior", "samples"))
-            metrics["sampling_seconds"] = round(seconds, 1)
-            files.write_json(metrics_path, metrics)
+        stages.prior_stage(config, model, source, run_dir, strategy, metrics, shown["test"] - config.shift)
     stages.print_summary(run_dir, metrics)
     return run_dir, metrics
 
@@ -267,30 +267,27 @@ def reconstruct(args):
     import data
     import evaluate
 
-    config = runs.load_config(args.run)
-    model = runs.load_model(args.run, "vqvae.keras")
     require([(args.split in data.SPLITS, f"--split must be one of {', '.join(data.SPLITS)}, got {args.split!r}")])
-    folder = data.split_folder(runs.require_folder(args.data or config["data"]), args.split)
-    files = data.list_images(folder)
-    require([(files, f"--data {folder}: no PNG or NIfTI files")])
-    out = args.out or os.path.join(args.run, f"reconstruct-{os.path.basename(os.path.normpath(folder))}")
-    summary = evaluate.reconstruct_files(model, files, config, out, args.grids, args.batch_size)
-    print(f"{summary['slices']} slices from {folder}: mean SSIM {summary['ssim_mean']:.4f} "
-          f"(min {summary['ssim_min']:.4f}); wrote {out}/reconstruction.csv and {summary['grids']} grid(s)")
-    return {**summary, "folder": folder}
+    return evaluate.reconstruct_folder(args.run, args.data, args.split, args.out, args.grids, args.batch_size)
 
 
 def sample(args):
     check(args, dict(n=1, batch_size=1), ("temperature",))
+    require([(args.position is None or 0 <= args.position <= 1,
+              f"--position must be between 0 and 1, got {args.position}")])
     import sample as sampling
 
-    config = runs.load_config(args.run)
-    model, prior = (runs.load_model(args.run, name) for name in ("vqvae.keras", "pixelcnn.keras"))
-    grid_shape = [size // model.downsampling for size in config["image_size"]]
-    out = args.out or os.path.join(args.run, f"samples-seed{args.seed}")
-    images, _ = sampling.write_samples(model, prior, grid_shape, args.n, out, args.temperature, args.seed,
-                                       args.batch_size, config.get("cmap", "gray"))
-    return images
+    return sampling.sample_run(args.run, args.n, args.temperature, args.seed, args.batch_size, args.position, args.out)
+
+
+def anomaly(args):
+    check(args, dict(draws=1, batch_size=1))
+    require([(args.data, "--data is required: the folder of slices to map"),
+             (0 < args.quantile < 1, f"--quantile must be between 0 and 1, got {args.quantile}")])
+    import anomaly as maps
+
+    return maps.map_folder(args.run, args.data, args.split, args.out, args.draws, args.quantile, args.batch_size,
+                           args.seed)
 
 
 def evaluate_command(args):
@@ -302,11 +299,11 @@ def evaluate_command(args):
     model = runs.load_model(args.run, "vqvae.keras")
     prior = runs.load_model(args.run, "pixelcnn.keras", required=False)
     config.data, config.batch_size = runs.require_folder(args.data or config.data), args.batch_size
-    _, _, splits = stages.prepare_data(config, config.cache or os.path.join(args.run, "cache"))
+    source, _, splits = stages.prepare_data(config, config.cache or os.path.join(args.run, "cache"))
     if prior is None:
         print(f"{args.run} has no pixelcnn.keras: scoring the VQ-VAE only", flush=True)
     return evaluate.evaluate_run(args.run, model, splits, prior, args.samples, args.temperature, args.seed,
-                                 config.cmap, config.data)
+                                 config.cmap, config.data, source.positions["test"])
 
 
 def main(argv=None):
@@ -315,7 +312,7 @@ def main(argv=None):
     try:
         if command != "train":
             spec, run = {"reconstruct": (RECONSTRUCT, reconstruct), "sample": (SAMPLE, sample),
-                         "evaluate": (EVALUATE, evaluate_command)}[command]
+                         "evaluate": (EVALUATE, evaluate_command), "anomaly": (ANOMALY, anomaly)}[command]
             return run(command_parser(*spec).parse_args(argv))
         config = Config(**{key: value for key, value in vars(build_parser().parse_args(argv)).items()
                            if key != "verbose"})

@@ -219,19 +219,44 @@ def score_split(model, dataset, ms_settings=None, worst=0):
     return scores
 
 
-def prior_bits_per_code(prior, grids, batch_size=32):
+def prior_bits_per_code(prior, grids, positions=None, batch_size=32):
     """The prior's mean negative log-likelihood per code of (N, h, w) grids, in bits (for
-    a hierarchical prior, the top and bottom grids' total per bottom code)."""
+    a hierarchical prior, the top and bottom grids' total per bottom code, at the slices'
+    `positions` if it is conditioned on them)."""
     import pixelcnn
 
-    total = sum(float(tf.reduce_sum(prior.code_nll(batch))) for batch in
-                np.array_split(grids, max(1, -(-len(grids) // batch_size))))
+    parts = max(1, -(-len(grids) // batch_size))
+    if getattr(prior, "position_bins", 0) and positions is not None:
+        batches = zip(np.array_split(grids, parts), np.array_split(positions, parts))
+        total = sum(float(tf.reduce_sum(prior.code_nll(batch, where))) for batch, where in batches)
+    else:
+        total = sum(float(tf.reduce_sum(prior.code_nll(batch))) for batch in np.array_split(grids, parts))
     return float(pixelcnn.bits_per_code(total / np.size(grids)))
 
 
 def split_images(dataset, shift):
     """Every slice of a batched split as one (N, H, W) numpy array in [0, 1]."""
     return np.concatenate([images.numpy()[..., 0] - shift for images in dataset])
+
+
+def reconstruct_folder(run_dir, folder=None, split="test", out=None, grids=4, batch_size=16):
+    """`driver.py reconstruct`: reconstruct the files of `folder` (its `split` folder, if it
+    has split folders; default: the run's data) with a run's VQ-VAE, into `out` (default
+    RUN/reconstruct-<folder name>). Returns the summary, with the folder."""
+    import data
+    import runs
+
+    config = runs.load_config(run_dir)
+    model = runs.load_model(run_dir, "vqvae.keras")
+    folder = data.split_folder(runs.require_folder(folder or config["data"]), split)
+    paths = data.list_images(folder)
+    if not paths:
+        raise data.DataError(f"--data {folder}: no PNG or NIfTI files")
+    out = out or os.path.join(run_dir, f"reconstruct-{os.path.basename(os.path.normpath(folder))}")
+    summary = reconstruct_files(model, paths, config, out, grids, batch_size)
+    print(f"{summary['slices']} slices from {folder}: mean SSIM {summary['ssim_mean']:.4f} "
+          f"(min {summary['ssim_min']:.4f}); wrote {out}/reconstruction.csv and {summary['grids']} grid(s)")
+    return {**summary, "folder": folder}
 
 
 def reconstruct_files(model, paths, run_config, out, grids=4, batch_size=16):
@@ -287,9 +312,10 @@ def reconstruct_files(model, paths, run_config, out, grids=4, batch_size=16):
 
 
 def evaluate_run(run_dir, model, splits, prior=None, samples=16, temperature=1.0, seed=0, cmap="gray",
-                 data_name=""):
-    """Score a trained VQ-VAE (and its prior, if given) on `splits["test"]`, merge the
-    metrics into RUN/metrics.json and write RUN/report.html. Figures go to RUN/evaluation/."""
+                 data_name="", test_positions=None):
+    """Score a trained VQ-VAE (and its prior, if given, with the test slices' positions) on
+    `splits["test"]`, merge the metrics into RUN/metrics.json and write RUN/report.html.
+    Figures go to RUN/evaluation/."""
     import files
     import report
 
@@ -302,7 +328,7 @@ def evaluate_run(run_dir, model, splits, prior=None, samples=16, temperature=1.0
     metrics["evaluated_data"] = data_name
     if prior is not None:
         print("prior: bits per code on the test split's codes", flush=True)
-        metrics["prior_test_bits_per_code"] = prior_bits_per_code(prior, test_grids)
+        metrics["prior_test_bits_per_code"] = prior_bits_per_code(prior, test_grids, test_positions)
         metrics["log2_K"] = float(np.log2(model.num_embeddings))
         if samples:
             sample_metrics, figures["samples"] = sample_report(model, prior, splits, test_grids, samples, temperature,

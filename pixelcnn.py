@@ -151,7 +151,9 @@ class PixelCNN(keras.Model):
     2016, section 2.3): it takes `(codes, condition)`, where `condition` is a coarser
     (B, ceil(h / condition_factor), ceil(w / condition_factor)) int grid; its embedding, repeated up to
     the code grid, is added through its own 1x1 layers into both stacks of every gated layer.
-    The condition is given whole (it is not predicted), so it may look anywhere."""
+    The condition is given whole (it is not predicted), so it may look anywhere. With
+    `condition_factor` 0 the condition is global, one class per grid (B, 1, 1), like the
+    paper's class label: added alike at every position."""
 
     def __init__(self, num_embeddings, variant="gated", filters=128, num_layers=8, num_res_blocks=2,
                  kernel_size=3, first_kernel_size=7, head_units=None, condition_classes=0, condition_factor=1,
@@ -227,8 +229,11 @@ class PixelCNN(keras.Model):
         """What a (B, ceil(h / f), ceil(w / f)) condition grid adds to each gated layer of an
         (h, w) code grid: a list of (vertical, horizontal) (B, h, w, 2 * filters) terms."""
         c = self.condition_embedding(condition)
-        c = tf.repeat(tf.repeat(c, self.condition_factor, axis=1), self.condition_factor, axis=2)
-        c = c[:, :height, :width]  # the last block row and column may overhang the grid
+        if self.condition_factor:
+            c = tf.repeat(tf.repeat(c, self.condition_factor, axis=1), self.condition_factor, axis=2)
+            c = c[:, :height, :width]  # the last block row and column may overhang the grid
+        else:  # a global condition: the same at every position
+            c = c[:, :1, :1] * tf.ones((1, height, width, 1))
         return [(to_vertical(c), to_horizontal(c)) for to_vertical, to_horizontal in self.condition_layers]
 
     def vertical(self, x, conv, condition=None):
@@ -322,7 +327,9 @@ class Sampler(tf.Module):
     of an (r + 1)-row band) when a row starts.
 
     Sampling is deterministic for a given seed, and draws the same codes as running the
-    whole network at every position would with the same seeds (`naive_sample`)."""
+    whole network at every position would with the same seeds (`naive_sample`). Given
+    `fixed` codes and a `keep` mask, it keeps those codes where `keep` is set and draws the
+    rest, each given every code before it: the "healing" of anomaly maps."""
 
     def __init__(self, model, batch_size, height, width):
         super().__init__()
@@ -344,12 +351,22 @@ class Sampler(tf.Module):
                                        trainable=False) for _ in range(2)]
                           for _ in range(model.num_layers if model.condition_classes else 0)]
         self.codes = tf.Variable(tf.zeros((self.height, self.width, self.batch_size), tf.int32), trainable=False)
+        # Codes kept as given (keep = 1) instead of drawn, laid out like `codes`.
+        self.fixed = tf.Variable(tf.zeros((self.height, self.width, self.batch_size), tf.int32), trainable=False)
+        self.keep = tf.Variable(tf.zeros((self.height, self.width, self.batch_size), tf.int32), trainable=False)
         self.logits = tf.Variable(tf.zeros((self.height, self.width, self.batch_size, model.num_embeddings)),
                                   trainable=False)
 
-    def reset(self, condition=None):
+    def reset(self, condition=None, fixed=None, keep=None):
         for variable in [self.inputs, self.codes, self.logits, *self.buffers.values(), *self.vertical_rows]:
             variable.assign(tf.zeros_like(variable))
+        if (fixed is None) != (keep is None):
+            raise ValueError("give both `fixed` codes and the `keep` mask, or neither")
+        # NumPy transposes: TensorFlow's oneDNN int32 transpose logs an error on some CPUs.
+        self.fixed.assign(np.zeros(self.fixed.shape, np.int32) if fixed is None
+                          else np.transpose(np.asarray(fixed, np.int32), (1, 2, 0)))
+        self.keep.assign(np.zeros(self.keep.shape, np.int32) if keep is None
+                         else np.transpose(np.asarray(keep).astype(np.int32), (1, 2, 0)))
         if self.condition:
             if condition is None:
                 raise ValueError("this prior is conditional: give sample() its condition grid")
@@ -422,15 +439,17 @@ class Sampler(tf.Module):
             v_pre = [tf.gather(variable, j) for variable in self.vertical_rows]
             logits = model.horizontal(None, v_pre, self._position_conv(i, j), self._position_condition(i, j))
             codes = draw(logits, temperature, tf.random.experimental.stateless_fold_in(seed, i * self.width + j))
+            codes = tf.where(self.keep[i, j] > 0, self.fixed[i, j], codes)
             self.logits.scatter_nd_update([[i, j]], logits[None])
             self.codes.scatter_nd_update([[i, j]], codes[None])
             self.inputs.scatter_nd_update([[i + p, j + p]], model.embedding(codes)[None])
         return self.codes[i]
 
-    def sample(self, temperature=1.0, seed=0, progress=None, condition=None):
+    def sample(self, temperature=1.0, seed=0, progress=None, condition=None, fixed=None, keep=None):
         """(batch_size, height, width) int32 codes; `progress(row)` is called after each row.
-        A conditional prior needs its (batch_size, height / f, width / f) `condition` grid."""
-        self.reset(condition)
+        A conditional prior needs its (batch_size, height / f, width / f) `condition` grid.
+        Where the (batch_size, height, width) `keep` mask is set, the `fixed` codes are kept."""
+        self.reset(condition, fixed, keep)
         seed = tf.constant([seed, 0], tf.int64)
         temperature = tf.constant(temperature, tf.float32)
         for i in range(self.height):

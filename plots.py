@@ -185,3 +185,25 @@ class ReconstructionGrids(keras.callbacks.Callback):
             reconstruction_grid(self.images - self.shift, reconstructions - self.shift,
                                 os.path.join(self.run_dir, "reconstructions_latest.png"), cmap=self.cmap,
                                 title=f"validation slices after epoch {epoch + 1}")
+
+
+def anomaly_figure(rows, path, titles=("slice", "healed", "anomaly map"), cmap="gray"):
+    """Rows of (slice, healed slice, anomaly map[, more maps or masks]): the slices in
+    `cmap`, every further panel in `hot` over the slice, each map scaled to its own range."""
+    columns = len(rows[0])
+    height, width = np.shape(rows[0][0])
+    figure, axes = plt.subplots(len(rows), columns, figsize=(columns * 2.2 * width / height, len(rows) * 2.2),
+                                squeeze=False)
+    for r, row in enumerate(rows):
+        for c, image in enumerate(row):
+            axis = axes[r][c]
+            axis.set_xticks([])
+            axis.set_yticks([])
+            axis.imshow(np.clip(row[0] if c >= 2 else image, 0, 1), cmap=cmap, vmin=0, vmax=1)
+            if c >= 2:
+                top = float(np.max(image)) or 1.0
+                axis.imshow(np.ma.masked_less(image, 0.05 * top), cmap="hot", vmin=0, vmax=top, alpha=0.75)
+            if r == 0:
+                axis.set_title(titles[c] if c < len(titles) else "", fontsize=9)
+    figure.subplots_adjust(wspace=0.03, hspace=0.03)
+    save_figure(figure, path)

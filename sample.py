@@ -20,9 +20,12 @@ import hierarchy
 import plots
 
 
-def sample_batches(model, prior, grid_shape, n, temperature=1.0, seed=0, batch_size=16, progress=None):
+def sample_batches(model, prior, grid_shape, n, temperature=1.0, seed=0, batch_size=16, progress=None,
+                   position=None):
     """n new (H, W, 1) slices in [0, 1], yielded a batch at a time: code grids drawn from
-    the prior, decoded. `progress(rows)` is called with the number of code rows drawn so far."""
+    the prior (at `position` in [0, 1], for a prior conditioned on it), decoded.
+    `progress(rows)` is called with the number of code rows drawn so far."""
+    at = {} if position is None else {"position": position}
     height, width = grid_shape
     samplers = {}  # by batch size: a Sampler traces its tf.function once and is reused
     for batch, first in enumerate(range(0, n, batch_size)):
@@ -30,12 +33,12 @@ def sample_batches(model, prior, grid_shape, n, temperature=1.0, seed=0, batch_s
         if count not in samplers:
             samplers[count] = hierarchy.sampler_for(prior, count, height, width)
         report = (lambda row, done=batch * height: progress(done + row)) if progress else None
-        codes = samplers[count].sample(temperature, seed + first, progress=report)
+        codes = samplers[count].sample(temperature, seed + first, progress=report, **at)
         yield np.clip(model.decode(codes).numpy() - model.shift, 0, 1)
 
 
 def write_samples(model, prior, grid_shape, n, out_dir, temperature=1.0, seed=0, batch_size=16, cmap="gray",
-                  real=None, log_dir=None):
+                  real=None, log_dir=None, position=None):
     """Sample n slices and write OUT/sample_NNN.png and .nii.gz and a grid, samples.png.
 
     `real` (optional, [0, 1] slices) are shown above the samples for comparison; with
@@ -46,7 +49,7 @@ def write_samples(model, prior, grid_shape, n, out_dir, temperature=1.0, seed=0,
     print(f"sampling {n} slices ({height}x{width} codes each)", flush=True)
     progress = data.progress_bar(-(-n // batch_size) * height, "row")
     start, images = time.time(), []
-    for batch in sample_batches(model, prior, grid_shape, n, temperature, seed, batch_size, progress.update):
+    for batch in sample_batches(model, prior, grid_shape, n, temperature, seed, batch_size, progress.update, position):
         for image in batch:  # written as each batch is drawn: a killed run keeps what it finished
             path = os.path.join(out_dir, f"sample_{len(images):03d}")
             png = tf.io.encode_png(np.round(image * 255).astype(np.uint8))
@@ -62,9 +65,29 @@ def write_samples(model, prior, grid_shape, n, out_dir, temperature=1.0, seed=0,
         rows = [np.clip(real[:columns], 0, 1)] + rows
         titles = ["real"] + titles
     plots.image_grid(rows, os.path.join(out_dir, "samples.png"), titles, cmap=cmap,
-                     title=f"{n} samples at temperature {temperature} ({seconds:.1f} s)")
+                     title=f"{n} samples at temperature {temperature}"
+                           + ("" if position is None else f", position {position:g}") + f" ({seconds:.1f} s)")
     if log_dir:
         with tf.summary.create_file_writer(log_dir).as_default():
             tf.summary.image(f"samples at temperature {temperature}", images, step=0, max_outputs=len(images))
     print(f"wrote {n} samples to {out_dir} in {seconds:.1f} s", flush=True)
     return images, seconds
+
+
+def sample_run(run_dir, n=16, temperature=1.0, seed=0, batch_size=16, position=None, out=None):
+    """`driver.py sample`: n slices from a run's saved models (at `position`, for a prior
+    conditioned on it), written to `out` (default RUN/samples-seed<SEED>[-position<P>])."""
+    import runs
+    from data import DataError
+
+    config = runs.load_config(run_dir)
+    model, prior = (runs.load_model(run_dir, name) for name in ("vqvae.keras", "pixelcnn.keras"))
+    if position is not None and not getattr(prior, "position_bins", 0):
+        raise DataError(f"--position: the prior of {run_dir} was trained without slice positions (it needs "
+                        f"--pcnn-variant hierarchical with --pcnn-position-bins > 0)")
+    grid_shape = [size // model.downsampling for size in config["image_size"]]
+    at = "" if position is None else f"-position{position:g}"
+    out = out or os.path.join(run_dir, f"samples-seed{seed}{at}")
+    images, _ = write_samples(model, prior, grid_shape, n, out, temperature, seed, batch_size,
+                              config.get("cmap", "gray"), position=position)
+    return images

@@ -2,7 +2,7 @@
 
     source, image_size, splits = prepare_data(config, cache_dir)
     model, history, seconds = train_vqvae(config, splits, run_dir, shown, strategy)
-    prior, prior_metrics, codes = train_prior(config, model, splits, run_dir, strategy)
+    prior = prior_stage(config, model, source, run_dir, strategy, metrics, real)
 
 `build_vqvae(config)` and `build_prior(config)` are the one way a model is made from a
 `driver.Config` (the driver, the tests and the benchmarks all use them). `fit_resumably` is
@@ -41,9 +41,12 @@ def build_vqvae(config):
         model = vqvae.VQVAE(
             num_embeddings=config.K, latent_dim=config.D, beta=config.beta, filters=config.filters,
             num_res_blocks=config.res_blocks, ema_decay=config.ema_decay, codebook_init=config.codebook_init,
-            dead_code_steps=config.dead_code_steps, shift=config.shift,
+            dead_code_steps=config.dead_code_steps, shift=config.shift, norm=config.norm,
+            ssim_weight=config.ssim_weight,
         )
-        model.compile(optimizer=keras.optimizers.Adam(config.learning_rate), jit_compile=config.jit)
+        optimizer = keras.optimizers.Adam(config.learning_rate, use_ema=bool(config.weights_ema),
+                                          ema_momentum=config.weights_ema or 0.99)
+        model.compile(optimizer=optimizer, jit_compile=config.jit)
     finally:
         keras.mixed_precision.set_global_policy("float32")
     return model
@@ -57,7 +60,7 @@ def build_prior(config):
         top = dict(filters=config.pcnn_top_filters, num_layers=config.pcnn_top_layers,
                    head_units=4 * config.pcnn_top_filters)
         prior = hierarchy.HierarchicalPrior(config.K, config.D, config.pcnn_top_codes, config.pcnn_top_factor,
-                                            top=top, bottom=settings)
+                                            top=top, bottom=settings, position_bins=config.pcnn_position_bins)
         networks = [prior.top, prior.bottom]
     else:
         prior = pixelcnn.PixelCNN(config.K, config.pcnn_variant, num_res_blocks=config.pcnn_res_blocks, **settings)
@@ -101,7 +104,9 @@ def prepare_data(config, cache_dir):
     splits = {split: cache.cached_dataset(manifest, config.batch_size, config.shift, shuffle=(split == "train"),
                                          seed=config.seed)
               for split, manifest in manifests.items()}
+    source.manifests, source.image_size = manifests, image_size
     source.slices = {split: manifest["slices"] for split, manifest in manifests.items()}
+    source.positions = {split: np.asarray(manifest["positions"], np.float32) for split, manifest in manifests.items()}
     print("slices per split: " + ", ".join(f"{s} {n}" for s, n in source.slices.items()), flush=True)
     return source, image_size, splits
 
@@ -280,7 +285,10 @@ def train_vqvae(config, splits, run_dir, shown, strategy):
     resume_point(run_dir, "vqvae", "history.csv")
     with strategy.scope():
         model = build_vqvae(config)
-    stage_callbacks = [
+    # With --weights-ema, the averaged weights are swapped in at each epoch's end: validated,
+    # drawn and saved (and swapped out again when the next epoch starts).
+    averaged = [keras.callbacks.SwapEMAWeights(swap_on_epoch=True)] if config.weights_ema else []
+    stage_callbacks = averaged + [
         callbacks.CosineLearningRate(config.learning_rate, config.epochs, config.max_minutes),
         callbacks.ValidationMetrics(splits["validate"]),
         callbacks.TimeLimit(config.max_minutes),
@@ -327,51 +335,119 @@ def score_vqvae(model, splits, run_dir, history, config, shown):
     return metrics
 
 
+def prior_stage(config, model, source, run_dir, strategy, metrics, real):
+    """Train the prior (or load it, if a killed run finished it) and draw the run's final
+    samples, shown below the `real` test slices; their figures go into `metrics` and
+    RUN/metrics.json."""
+    import sample
+
+    metrics_path = os.path.join(run_dir, "metrics.json")
+    if "prior_test_bits_per_code" in metrics:
+        print("the prior finished before the run stopped: loading pixelcnn.keras", flush=True)
+        prior = keras.models.load_model(os.path.join(run_dir, "pixelcnn.keras"))
+    else:
+        prior, prior_metrics, _ = train_prior(config, model, ordered_splits(config, source), run_dir, strategy,
+                                              source.positions)
+        metrics.update(prior_metrics)
+        files.write_json(metrics_path, metrics)
+    if config.samples:
+        grid_shape = [size // model.downsampling for size in source.image_size]
+        _, seconds = sample.write_samples(model, prior, grid_shape, config.samples, os.path.join(run_dir, "samples"),
+                                          config.temperature, config.seed, cmap=config.cmap, real=real,
+                                          log_dir=os.path.join(run_dir, "logs", "prior", "samples"))
+        metrics["sampling_seconds"] = round(seconds, 1)
+        files.write_json(metrics_path, metrics)
+    return prior
+
+
+def ordered_splits(config, source):
+    """Each split's slices in cache order (the training split unshuffled), so that code
+    grids line up with `source.positions`."""
+    return {split: cache.cached_dataset(manifest, config.batch_size, config.shift)
+            for split, manifest in source.manifests.items()}
+
+
 def encode_split(model, dataset):
     """The (N, h, w) int32 code grids of every slice in a split."""
     return np.concatenate([model.encode(images).numpy() for images in dataset])
 
 
-def code_dataset(grids, batch_size, shuffle=False, seed=0, condition=None):
+def encode_codes(model, ordered, mirror):
+    """{split: (N, h, w) code grids} of each split in order; with `mirror`, also
+    "train_mirrored": the training slices flipped left to right (a brain mirrored is still a
+    brain), which double the prior's training grids."""
+    codes = {split: encode_split(model, dataset) for split, dataset in ordered.items()}
+    if mirror:
+        codes["train_mirrored"] = encode_split(model, ordered["train"].map(tf.image.flip_left_right))
+    codes["in_order"] = np.array(True)  # grids in cache order, matching the slices' positions
+    return codes
+
+
+def training_grids(codes, positions, mirror):
+    """The prior's {split: grids} and {split: positions}: the training split with its
+    mirrored slices, if `mirror`."""
+    grids = {split: codes[split] for split in data.SPLITS}
+    positions = dict(positions)
+    if mirror:
+        grids["train"] = np.concatenate([codes["train"], codes["train_mirrored"]])
+        if positions["train"] is not None:
+            positions["train"] = np.concatenate([positions["train"]] * 2)
+    return grids, positions
+
+
+def code_dataset(grids, batch_size, shuffle=False, seed=0, condition=None, hidden_share=0.0):
     """(codes, codes) batches of (N, h, w) code grids: a PixelCNN predicts its own input
-    (((codes, condition), codes) for a conditional one)."""
+    (((codes, condition), codes) for a conditional one, whose condition is replaced by class
+    0, "unknown", for a random `hidden_share` of the grids, anew each epoch)."""
     dataset = tf.data.Dataset.from_tensor_slices((grids if condition is None else (grids, condition), grids))
     if shuffle:
         dataset = dataset.shuffle(len(grids), seed=seed)
+    if hidden_share:
+        def hide(inputs, target, draw):
+            hidden = tf.cast(draw % 1000, tf.float32) < 1000 * hidden_share
+            return (inputs[0], tf.where(hidden, tf.zeros_like(inputs[1]), inputs[1])), target
+
+        dataset = tf.data.Dataset.zip(dataset, tf.data.Dataset.random(seed=seed)).map(
+            lambda pair, draw: hide(*pair, draw))
     return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
-def train_prior(config, model, splits, run_dir, strategy):
-    """Fit the prior to the code grids of the train split, validated on the validate split
-    (resuming a killed run's backup, if there is one): one PixelCNN, or the top and bottom
-    PixelCNNs of a hierarchical prior, one after the other."""
+def train_prior(config, model, ordered, run_dir, strategy, positions=None):
+    """Fit the prior to the code grids of the train split (`ordered`: each split's slices
+    in cache order), validated on the validate split (resuming a killed run's backup, if
+    there is one): one PixelCNN, or the top and bottom PixelCNNs of a hierarchical prior,
+    one after the other (given the slices' {split: positions}, if it is conditioned on
+    them)."""
+    positions = positions or {split: None for split in data.SPLITS}
     codes_path = os.path.join(run_dir, "codes.npz")
-    if os.path.exists(codes_path) and config.resume:
-        codes = dict(np.load(codes_path))
-    else:
-        print(f"\nencoding the splits into code grids for the {config.pcnn_variant} PixelCNN prior", flush=True)
-        codes = {split: encode_split(model, dataset) for split, dataset in splits.items()}
+    codes = dict(np.load(codes_path)) if os.path.exists(codes_path) and config.resume else {}
+    if "in_order" not in codes or (config.pcnn_mirror and "train_mirrored" not in codes):
+        print(f"\nencoding the splits into code grids for the {config.pcnn_variant} PixelCNN prior"
+              + (" (and the training slices mirrored)" if config.pcnn_mirror else ""), flush=True)
+        codes = encode_codes(model, ordered, config.pcnn_mirror)
         files.atomic_write(codes_path, lambda path: np.savez_compressed(path, **codes))
+    grids, positions = training_grids(codes, positions, config.pcnn_mirror)
     with strategy.scope():
         prior = build_prior(config)
     start = time.time()
     if isinstance(prior, hierarchy.HierarchicalPrior):
-        prior = fit_hierarchy(prior, config, model, codes, run_dir)
+        prior = fit_hierarchy(prior, config, model, codes, grids, run_dir, positions)
     else:
-        prior = fit_prior(prior, config, codes, run_dir, "pixelcnn", config.pcnn_epochs, "prior")
+        prior = fit_prior(prior, config, grids, run_dir, "pixelcnn", config.pcnn_epochs, "prior")
     return prior, {
         "prior_variant": config.pcnn_variant,
         "prior_parameters": int(prior.count_params()),
-        "prior_val_bits_per_code": evaluate.prior_bits_per_code(prior, codes["validate"]),
-        "prior_test_bits_per_code": evaluate.prior_bits_per_code(prior, codes["test"]),
+        "prior_val_bits_per_code": evaluate.prior_bits_per_code(prior, grids["validate"], positions["validate"]),
+        "prior_test_bits_per_code": evaluate.prior_bits_per_code(prior, grids["test"], positions["test"]),
         "log2_K": float(np.log2(config.K)),
         "prior_train_seconds": round(time.time() - start, 1),
     }, codes
 
 
-def fit_prior(network, config, grids, run_dir, name, epochs, log_name, condition=None):
-    """Fit one PixelCNN to {split: grids} (given {split: condition grids}, if conditional)
-    and return its best checkpoint, RUN/<name>.keras. A fit a killed run finished is loaded."""
+def fit_prior(network, config, grids, run_dir, name, epochs, log_name, condition=None, hidden_share=0.0):
+    """Fit one PixelCNN to {split: grids} (given {split: condition grids}, if conditional,
+    hidden for `hidden_share` of the training grids) and return its best checkpoint,
+    RUN/<name>.keras. A fit a killed run finished is loaded."""
     path, history_file = os.path.join(run_dir, f"{name}.keras"), f"{name}_history.csv"
     finished = len(read_history_rows(os.path.join(run_dir, history_file))) == epochs
     if finished and os.path.exists(path) and not os.path.exists(os.path.join(run_dir, "backup", name)):
@@ -381,7 +457,7 @@ def fit_prior(network, config, grids, run_dir, name, epochs, log_name, condition
 
     def dataset(split, shuffle=False):
         return code_dataset(grids[split], config.pcnn_batch_size, shuffle, config.seed,
-                            None if condition is None else condition[split])
+                            None if condition is None else condition[split], hidden_share if shuffle else 0.0)
 
     stage_callbacks = [callbacks.CosineLearningRate(config.pcnn_learning_rate, epochs),
                  callbacks.BitsPerCode(read_history(os.path.join(run_dir, history_file)),
@@ -394,9 +470,10 @@ def fit_prior(network, config, grids, run_dir, name, epochs, log_name, condition
     return keras.models.load_model(path)
 
 
-def fit_hierarchy(prior, config, model, codes, run_dir):
-    """Fit a HierarchicalPrior: its top codebook (k-means, kept in codes.npz so a resumed
-    run uses the same one), the top PixelCNN, then the bottom one given the top grids;
+def fit_hierarchy(prior, config, model, codes, grids, run_dir, positions):
+    """Fit a HierarchicalPrior to {split: grids}: its top codebook (k-means, kept in
+    codes.npz so a resumed run uses the same one), the top PixelCNN (given the slices'
+    {split: positions}, if it has position bins), then the bottom one given the top grids;
     saved whole as RUN/pixelcnn.keras."""
     if "top_codebook" in codes:
         prior.codebook.assign(model.quantizer.codebook)
@@ -404,14 +481,21 @@ def fit_hierarchy(prior, config, model, codes, run_dir):
     else:
         print(f"top grid: k-means of {config.pcnn_top_factor}x{config.pcnn_top_factor} blocks into "
               f"{config.pcnn_top_codes} codes", flush=True)
-        prior.fit_top_codebook(model.quantizer.codebook.numpy(), codes["train"])
+        prior.fit_top_codebook(model.quantizer.codebook.numpy(), grids["train"])
         codes["top_codebook"] = prior.top_codebook.numpy()
         files.atomic_write(os.path.join(run_dir, "codes.npz"), lambda path: np.savez_compressed(path, **codes))
-    top = {split: np.concatenate([prior.top_codes(codes[split][i: i + 256]).numpy()
-                                  for i in range(0, len(codes[split]), 256)]) for split in data.SPLITS}
+    top = {split: np.concatenate([prior.top_codes(grids[split][i: i + 256]).numpy()
+                                  for i in range(0, len(grids[split]), 256)]) for split in data.SPLITS}
+    by_position = None
+    if prior.position_bins:
+        prior.count_positions(positions["train"])
+        known = np.mean(positions["train"] >= 0)
+        print(f"top grid conditioned on the slice position ({prior.position_bins} bins): known for "
+              f"{known:.0%} of the training slices", flush=True)
+        by_position = {split: prior.position_classes(positions[split])[:, None, None] for split in data.SPLITS}
     prior.top.set_weights(fit_prior(prior.top, config, top, run_dir, "prior_top", config.pcnn_top_epochs,
-                                    "prior_top").get_weights())
-    prior.bottom.set_weights(fit_prior(prior.bottom, config, codes, run_dir, "prior_bottom", config.pcnn_epochs,
+                                    "prior_top", by_position, hierarchy.HIDDEN_POSITION_SHARE).get_weights())
+    prior.bottom.set_weights(fit_prior(prior.bottom, config, grids, run_dir, "prior_bottom", config.pcnn_epochs,
                                        "prior_bottom", condition=top).get_weights())
     files.atomic_write(os.path.join(run_dir, "pixelcnn.keras"), prior.save)
     return prior

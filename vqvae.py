@@ -10,11 +10,12 @@ keras.io VQ-VAE example, with the fixes that keep the codebook healthy:
    `dead_code_steps` training steps are restarted from recent encoder outputs.
    `ema_decay=0` gives the loss-based codebook of the paper and the keras.io example.
 2. `get_encoder` / `get_decoder`: CNNs with stride-2 stages and residual stacks with batch
-   normalisation. Each entry of `filters` is one stride-2 stage, so (16, 64) turns a
+   (or group) normalisation. Each entry of `filters` is one stride-2 stage, so (16, 64) turns a
    256x256 slice into a 64x64 grid of codes.
-3. `VQVAE`: the model, whose `train_step` minimises reconstruction MSE plus the quantizer
-   loss (computed once per step), and tracks SSIM, PSNR and the codebook's perplexity and
-   usage over each epoch. Training it (callbacks, checkpoints, resuming) is `train.py`'s job.
+3. `VQVAE`: the model, whose `train_step` minimises reconstruction MSE (plus
+   `ssim_weight` x (1 - SSIM), if set) plus the quantizer loss (computed once per step),
+   and tracks SSIM, PSNR and the codebook's perplexity and usage over each epoch.
+   Training it (callbacks, checkpoints, resuming) is `train.py`'s job.
 """
 
 import keras
@@ -28,10 +29,27 @@ PACKAGE = "mri_vqvae"
 BN_MOMENTUM = 0.9
 
 
-def batch_norm(name):
-    """Batch normalisation whose statistics, under tf.distribute, are taken over the global
-    batch (all replicas), so training on N devices matches training on one."""
-    return layers.BatchNormalization(momentum=BN_MOMENTUM, synchronized=True, name=name)
+NORMS = ("batch", "group", "none")
+GROUPS = 8  # channel groups of group normalisation (fewer if a layer has fewer channels)
+
+
+def normalization(kind, channels, name):
+    """The normalisation after a convolution of `channels` channels:
+
+    * "batch": batch normalisation, whose statistics, under tf.distribute, are taken over
+      the global batch (all replicas), so training on N devices matches training on one.
+      Validation and inference use moving averages of those statistics, which at small
+      batches lag and jitter behind the weights;
+    * "group": group normalisation (Wu and He 2018), per slice over groups of channels: the
+      same computation in training and validation, at any batch size;
+    * "none": nothing (the convolution keeps its bias instead)."""
+    if kind == "batch":
+        return layers.BatchNormalization(momentum=BN_MOMENTUM, synchronized=True, name=name)
+    if kind == "group":
+        return layers.GroupNormalization(groups=max(g for g in range(1, GROUPS + 1) if channels % g == 0), name=name)
+    if kind == "none":
+        return layers.Identity(name=name)
+    raise ValueError(f"norm must be one of {', '.join(NORMS)}, got {kind!r}")
 
 
 # ---------------------------------------------------------------------------
@@ -235,33 +253,34 @@ class VectorQuantizer(layers.Layer):
 # Encoder and decoder
 
 
-def residual_block(x, filters, name):
-    """ReLU -> 3x3 conv -> BN -> ReLU -> 1x1 conv -> BN, added back to the input."""
+def residual_block(x, filters, name, norm="batch"):
+    """ReLU -> 3x3 conv -> norm -> ReLU -> 1x1 conv -> norm, added back to the input."""
+    bias = norm == "none"
     y = layers.ReLU(name=f"{name}_relu1")(x)
-    y = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"{name}_conv3")(y)
-    y = batch_norm(name=f"{name}_bn1")(y)
+    y = layers.Conv2D(filters, 3, padding="same", use_bias=bias, name=f"{name}_conv3")(y)
+    y = normalization(norm, filters, name=f"{name}_bn1")(y)
     y = layers.ReLU(name=f"{name}_relu2")(y)
-    y = layers.Conv2D(filters, 1, use_bias=False, name=f"{name}_conv1")(y)
-    y = batch_norm(name=f"{name}_bn2")(y)
+    y = layers.Conv2D(filters, 1, use_bias=bias, name=f"{name}_conv1")(y)
+    y = normalization(norm, filters, name=f"{name}_bn2")(y)
     return layers.Add(name=f"{name}_add")([x, y])
 
 
-def get_encoder(latent_dim, filters=(16, 64), num_res_blocks=2):
+def get_encoder(latent_dim, filters=(16, 64), num_res_blocks=2, norm="batch"):
     """(B, H, W, 1) slices -> (B, H / 2^len(filters), W / 2^len(filters), latent_dim)."""
     inputs = keras.Input((None, None, 1))
     x = inputs
     for stage, width in enumerate(filters):
-        x = layers.Conv2D(width, 4, strides=2, padding="same", use_bias=False, name=f"down{stage}_conv")(x)
-        x = batch_norm(name=f"down{stage}_bn")(x)
+        x = layers.Conv2D(width, 4, strides=2, padding="same", use_bias=norm == "none", name=f"down{stage}_conv")(x)
+        x = normalization(norm, width, name=f"down{stage}_bn")(x)
         x = layers.ReLU(name=f"down{stage}_relu")(x)
     for block in range(num_res_blocks):
-        x = residual_block(x, filters[-1], f"res{block}")
+        x = residual_block(x, filters[-1], f"res{block}", norm)
     x = layers.ReLU(name="out_relu")(x)
     outputs = layers.Conv2D(latent_dim, 1, name="to_latent")(x)
     return keras.Model(inputs, outputs, name="encoder")
 
 
-def get_decoder(latent_dim, filters=(16, 64), num_res_blocks=2):
+def get_decoder(latent_dim, filters=(16, 64), num_res_blocks=2, norm="batch"):
     """(B, h, w, latent_dim) codes -> (B, h * 2^len(filters), w * 2^len(filters), 1).
 
     A residual stack at the code resolution, then one stride-2 transposed conv per entry
@@ -269,11 +288,12 @@ def get_decoder(latent_dim, filters=(16, 64), num_res_blocks=2):
     inputs = keras.Input((None, None, latent_dim))
     x = layers.Conv2D(filters[-1], 3, padding="same", name="from_latent")(inputs)
     for block in range(num_res_blocks):
-        x = residual_block(x, filters[-1], f"res{block}")
+        x = residual_block(x, filters[-1], f"res{block}", norm)
     x = layers.ReLU(name="res_relu")(x)
     for stage, width in enumerate(reversed(filters[1:])):
-        x = layers.Conv2DTranspose(width, 4, strides=2, padding="same", use_bias=False, name=f"up{stage}_conv")(x)
-        x = batch_norm(name=f"up{stage}_bn")(x)
+        x = layers.Conv2DTranspose(width, 4, strides=2, padding="same", use_bias=norm == "none",
+                                   name=f"up{stage}_conv")(x)
+        x = normalization(norm, width, name=f"up{stage}_bn")(x)
         x = layers.ReLU(name=f"up{stage}_relu")(x)
     # The last stage upsamples straight to the image. A hidden full-resolution layer
     # followed by a 3x3 conv to one channel took half of each training step on CPU and left
@@ -348,7 +368,8 @@ class VQVAE(keras.Model):
     used to score SSIM and PSNR on the original range."""
 
     def __init__(self, num_embeddings=128, latent_dim=64, beta=0.25, filters=(16, 32), num_res_blocks=2,
-                 ema_decay=0.99, codebook_init="kmeans", dead_code_steps=10, shift=-0.5, **kwargs):
+                 ema_decay=0.99, codebook_init="kmeans", dead_code_steps=10, shift=-0.5, norm="batch",
+                 ssim_weight=0.0, **kwargs):
         super().__init__(**kwargs)
         if not filters or min(filters) < 1:
             raise ValueError(f"filters must be a non-empty list of positive widths, got {filters}")
@@ -361,12 +382,14 @@ class VQVAE(keras.Model):
         self.codebook_init = codebook_init
         self.dead_code_steps = int(dead_code_steps)
         self.shift = float(shift)
+        self.norm = norm
+        self.ssim_weight = float(ssim_weight)
 
-        self.encoder = get_encoder(self.latent_dim, self.filters, self.num_res_blocks)
+        self.encoder = get_encoder(self.latent_dim, self.filters, self.num_res_blocks, norm)
         self.quantizer = VectorQuantizer(self.num_embeddings, self.latent_dim, self.beta, self.ema_decay,
                                          codebook_init=codebook_init, dead_code_steps=dead_code_steps,
                                          dtype="float32", name="vector_quantizer")  # distances in float32
-        self.decoder = get_decoder(self.latent_dim, self.filters, self.num_res_blocks)
+        self.decoder = get_decoder(self.latent_dim, self.filters, self.num_res_blocks, norm)
         # Encoder and decoder are functional models and take any (H, W); build the quantizer
         # too, so the model has all its weights before it first sees data (and can be saved).
         self.quantizer.build((None, None, None, self.latent_dim))
@@ -411,6 +434,8 @@ class VQVAE(keras.Model):
         quantized, indices = self.quantizer.quantize_inputs(latents, training=training)
         reconstructions = self.decoder(quantized, training=training)
         reconstruction_loss = tf.reduce_mean((images - reconstructions) ** 2)
+        if self.ssim_weight:  # train for what is scored: structure, not only squared error
+            reconstruction_loss += self.ssim_weight * (1.0 - mean_ssim(images, reconstructions, self.shift))
         vq_loss = self.quantizer.quantization_loss(latents, indices)
         return reconstructions, indices, reconstruction_loss, vq_loss
 
@@ -449,5 +474,6 @@ class VQVAE(keras.Model):
             "num_embeddings": self.num_embeddings, "latent_dim": self.latent_dim, "beta": self.beta,
             "filters": list(self.filters), "num_res_blocks": self.num_res_blocks,
             "ema_decay": self.ema_decay, "codebook_init": self.codebook_init,
-            "dead_code_steps": self.dead_code_steps, "shift": self.shift, "name": self.name,
+            "dead_code_steps": self.dead_code_steps, "shift": self.shift, "norm": self.norm,
+            "ssim_weight": self.ssim_weight, "name": self.name,
         }

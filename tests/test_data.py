@@ -26,6 +26,7 @@ def batches(dataset):
     ("case_002_week_0_slice_17.nii.gz", "case_002"),
     ("Subj12_T1.nii.gz", "Subj12_T1"),
     ("brain_slice_4.png", "brain"),
+    ("brain_slice_4.nii.png", "brain"),
     ("scan.nii", "scan"),
 ])
 def test_case_id(name, expected):
@@ -276,3 +277,49 @@ def test_nifti_cache_matches_direct_decoding(hipmri_root, tmp_path):
     direct = np.stack([data.fit_to_size(data.nifti_slices(path)[0][..., None], (40, 32)).numpy()
                        for path in source.files["train"]])
     assert np.abs(cached - direct).max() < 1e-5
+
+
+# ---------------------------------------------------------------------------
+# Slice positions: each cached slice's level in its volume
+
+
+def test_slice_positions_from_file_names():
+    files = [f"/d/case_001_slice_{k}.nii.png" for k in (3, 5, 7)] + ["/d/case_002_slice_4.nii.png",
+                                                                      "/d/case_003_week_0_slice_10.nii.gz",
+                                                                      "/d/case_003_week_0_slice_20.nii.gz",
+                                                                      "/d/scan.png"]
+    positions = data.slice_positions(files)
+    assert [positions[f] for f in files[:3]] == [0.0, 0.5, 1.0]
+    assert positions["/d/case_003_week_0_slice_20.nii.gz"] == 1.0
+    # A case with one numbered slice, and a name with no slice number: unknown.
+    assert "/d/case_002_slice_4.nii.png" not in positions and "/d/scan.png" not in positions
+
+
+def test_cache_keeps_each_slice_position_in_step_with_its_pixels(tmp_path):
+    """OASIS layout with an unreadable file among them: the positions of the slices that
+    remain still belong to them (the brightness of each slice encodes its number)."""
+    root = tmp_path / "oasis"
+    for split in data.SPLITS:
+        for k in range(5):
+            write_png(str(root / data.OASIS_DIRS[split] / f"case_001_slice_{k}.nii.png"),
+                      np.full((8, 8), 40 * (k + 1) / 255.0))
+    (root / data.OASIS_DIRS["train"] / "case_001_slice_2.nii.png").write_bytes(b"not a png")
+    source = data.find_source(str(root))
+    manifest = cache.cache_split(source, "train", (8, 8), str(tmp_path / "cache"), verbose=False)
+    images = batches(cache.cached_dataset(manifest, 8))
+    numbers = np.round(images[:, 0, 0, 0] * 255 / 40).astype(int) - 1
+    np.testing.assert_array_equal(numbers, [0, 1, 3, 4])
+    np.testing.assert_allclose(manifest["positions"], numbers / 4)
+
+
+def test_cache_positions_of_volumes_slices_and_unnumbered_files(hipmri_root, tmp_path):
+    vols = tmp_path / "vols"
+    for subject in range(1, 4):
+        write_nifti(str(vols / f"Subj{subject}_T1.nii.gz"), np.random.default_rng(subject).uniform(0, 9, (6, 6, 5)))
+    source = data.find_source(str(vols))
+    manifest = cache.cache_split(source, "train", (6, 6), str(tmp_path / "cache"), verbose=False)
+    assert sorted(manifest["positions"]) == [0.0, 0.25, 0.5, 0.75, 1.0] * (manifest["slices"] // 5)
+    # HipMRI-like slices: one numbered slice per case, so the level is unknown.
+    manifest = cache.cache_split(data.find_source(hipmri_root), "test", (40, 32), str(tmp_path / "cache2"),
+                                 verbose=False)
+    assert manifest["positions"] == [data.UNKNOWN_POSITION] * 3

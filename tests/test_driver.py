@@ -168,6 +168,7 @@ def test_train_then_reconstruct(oasis_root, tmp_path):
     for name in ("ssim_histogram.png", "worst_reconstructions.png", "codebook_usage.png", "samples_nearest.png"):
         assert os.path.exists(os.path.join(run, "evaluation", name)), name
     assert "--samples must be >= 0" in run_error(["evaluate", "--run", run, "--samples", "-1"])
+    assert "trained without slice positions" in run_error(["sample", "--run", run, "--position", "0.5"])
     again, _ = driver.main(["evaluate", "--run", run, "--samples", "0", "--batch-size", "4"])
     assert "samples_nn_ssim_mean" not in again and again["val_ssim_best"] == saved["val_ssim_best"]
 
@@ -195,6 +196,17 @@ def test_jit_and_mixed_precision_runs(oasis_root, tmp_path, flags):
     assert keras.mixed_precision.global_policy().name == "float32"  # the policy does not leak past the VQ-VAE
 
 
+def test_group_norm_ssim_loss_and_weight_averaging_run_and_reload(oasis_root, tmp_path):
+    run = str(tmp_path / "run")
+    _, metrics = driver.main(["--data", oasis_root, "--out", run, "--epochs", "3", "--grid-every", "0", *TINY,
+                              "--pcnn-epochs", "0", "--norm", "group", "--ssim-weight", "0.5", "--weights-ema", "0.9"])
+    model = keras.models.load_model(os.path.join(run, "vqvae.keras"))
+    assert model.norm == "group" and model.ssim_weight == 0.5
+    assert 0 < metrics["test_ssim_mean"] <= 1 and len(model.optimizer._model_variables_moving_average) > 0
+    assert "--weights-ema must be in [0, 1), got 1.0" in run_error(["--data", oasis_root, "--weights-ema", "1"])
+    assert "--norm must be 'batch', 'group' or 'none', got 'layer'" in run_error(["--norm", "layer"])
+
+
 def test_multiworker_strategy_runs_as_a_single_worker(oasis_root, tmp_path):
     """Without TF_CONFIG, MultiWorkerMirroredStrategy is one worker: the run must work the same."""
     run = str(tmp_path / "run")
@@ -212,7 +224,8 @@ def test_hierarchical_prior_run_samples_and_reloads(oasis_root, tmp_path):
     run = str(tmp_path / "run")
     _, metrics = driver.main(["--data", oasis_root, "--out", run, "--epochs", "1", "--grid-every", "0", *TINY,
                               "--pcnn-variant", "hierarchical", "--pcnn-top-codes", "4", "--pcnn-top-factor", "2",
-                              "--pcnn-top-filters", "8", "--pcnn-top-layers", "2", "--pcnn-top-epochs", "2"])
+                              "--pcnn-top-filters", "8", "--pcnn-top-layers", "2", "--pcnn-top-epochs", "2",
+                              "--pcnn-position-bins", "10"])
     assert metrics["prior_variant"] == "hierarchical" and 0 < metrics["prior_test_bits_per_code"]
     prior = keras.models.load_model(os.path.join(run, "pixelcnn.keras"))
     assert isinstance(prior, hierarchy.HierarchicalPrior) and prior.top_codebook.numpy().any()
@@ -221,3 +234,13 @@ def test_hierarchical_prior_run_samples_and_reloads(oasis_root, tmp_path):
     assert summaries(os.path.join(run, "logs", "prior_top", "train")).get("epoch_bits_per_code") == "scalars"
     images = driver.main(["sample", "--run", run, "--n", "3", "--out", str(tmp_path / "more")])
     assert images.shape == (3, 32, 32, 1) and 0 <= images.min() and images.max() <= 1
+    # The tiny OASIS-layout slices are numbered 0-3 in each case: the top grid knows their level,
+    # for each training slice and its mirror image.
+    np.testing.assert_array_equal(prior.position_counts.numpy(), [0, 8, 0, 0, 8, 0, 0, 8, 0, 0, 8])
+    codes = np.load(os.path.join(run, "codes.npz"))
+    assert codes["train_mirrored"].shape == codes["train"].shape == (16, 8, 8)
+
+    images = driver.main(["sample", "--run", run, "--n", "2", "--position", "0.4"])
+    assert images.shape == (2, 32, 32, 1) and os.path.exists(os.path.join(run, "samples-seed0-position0.4",
+                                                                          "sample_001.png"))
+    assert "--position must be between 0 and 1, got 1.5" in run_error(["sample", "--run", run, "--position", "1.5"])

@@ -2,16 +2,17 @@
 
 import keras
 import numpy as np
+import pytest
 import tensorflow as tf
 
 import hierarchy
 
 
-def random_prior(num_embeddings=6, latent_dim=3, top_embeddings=4, factor=2, scale=0.4):
+def random_prior(num_embeddings=6, latent_dim=3, top_embeddings=4, factor=2, scale=0.4, position_bins=0):
     keras.utils.set_random_seed(0)
     settings = dict(filters=8, num_layers=3, kernel_size=3, first_kernel_size=5)
     prior = hierarchy.HierarchicalPrior(num_embeddings, latent_dim, top_embeddings, factor, top=settings,
-                                        bottom=settings)
+                                        bottom=settings, position_bins=position_bins)
     rng = np.random.default_rng(1)
     for weight in prior.trainable_weights:
         weight.assign(rng.normal(0, scale, weight.shape).astype(np.float32))
@@ -69,3 +70,95 @@ def test_sampler_is_exact_and_draws_bottom_grids_given_the_top(tmp_path):
     assert isinstance(loaded, hierarchy.HierarchicalPrior) and loaded.get_config() == prior.get_config()
     np.testing.assert_allclose(loaded.code_nll(codes).numpy(), prior.code_nll(codes).numpy(), atol=1e-5)
     np.testing.assert_array_equal(loaded.top_codes(codes).numpy(), prior.top_codes(codes).numpy())
+
+
+def test_prior_conditioned_on_slice_position():
+    prior = random_prior(position_bins=4)
+    np.testing.assert_array_equal(prior.position_classes([-1, 0, 0.24, 0.25, 0.99, 1.0]), [0, 1, 1, 2, 4, 4])
+    codes = tf.constant(np.random.default_rng(2).integers(0, 6, (2, 8, 8)), tf.int32)
+    top = prior.top_codes(codes)
+    # The position changes the top grid's likelihood, not the bottom's given the top grid.
+    low, high = prior.code_nll(codes, [0.1, 0.1]).numpy(), prior.code_nll(codes, [0.9, 0.9]).numpy()
+    assert not np.allclose(low, high)
+    np.testing.assert_allclose(low - high, np.repeat(np.repeat(
+        (prior.top.code_nll((top, tf.constant([[[1]], [[1]]])))
+         - prior.top.code_nll((top, tf.constant([[[4]], [[4]]])))).numpy() / 4, 2, axis=1), 2, axis=2), atol=1e-5)
+
+    # Sampling at a position is exact: the top logits are a full pass's with that position's class.
+    sampler = hierarchy.sampler_for(prior, 3, 8, 6)
+    sampler.sample(1.0, seed=1, position=0.6)
+    np.testing.assert_allclose(sampler.top.used_logits().numpy(),
+                               prior.top((sampler.top_grid, tf.fill((3, 1, 1), 3))).numpy(), atol=1e-4)
+    # With no position, positions are drawn as often as the training slices had them.
+    prior.count_positions(np.array([0.1] * 30 + [0.8] * 10 + [-1] * 5))
+    np.testing.assert_array_equal(prior.position_counts.numpy(), [5, 30, 0, 0, 10])
+    drawn = prior.draw_positions(4000, seed=0)
+    assert set(np.round(drawn, 3)) == {0.125, 0.875} and abs(np.mean(drawn < 0.5) - 0.75) < 0.03
+
+
+def test_position_prior_saves_and_loads_its_counts(tmp_path):
+    prior = random_prior(position_bins=3)
+    prior.count_positions(np.array([0.0, 0.5, 0.5, 1.0]))
+    path = str(tmp_path / "prior.keras")
+    prior.save(path)
+    loaded = keras.models.load_model(path)
+    assert loaded.position_bins == 3
+    np.testing.assert_array_equal(loaded.position_counts.numpy(), [0, 1, 2, 1])
+    codes = tf.constant(np.random.default_rng(3).integers(0, 6, (2, 8, 8)), tf.int32)
+    np.testing.assert_allclose(loaded.code_nll(codes, [0.2, 0.9]).numpy(), prior.code_nll(codes, [0.2, 0.9]).numpy(),
+                               atol=1e-5)
+    with pytest.raises(ValueError, match="without slice positions"):
+        hierarchy.sampler_for(random_prior(), 1, 4, 4).sample(position=0.5)
+
+
+def test_training_hides_the_position_of_a_share_of_grids_anew_each_epoch():
+    import train
+
+    grids = np.arange(1000, dtype=np.int32)[:, None, None] * np.ones((1, 2, 2), np.int32)  # grid i holds i
+    condition = np.full((1000, 1, 1), 3, np.int32)
+    dataset = train.code_dataset(grids, 100, shuffle=True, seed=0, condition=condition, hidden_share=0.1)
+    hidden = []
+    for _ in range(2):
+        batches = [(inputs[0].numpy()[:, 0, 0], inputs[1].numpy().ravel()) for inputs, _ in dataset]
+        ids, seen = (np.concatenate(part) for part in zip(*batches))
+        assert set(seen) == {0, 3} and 0.07 < np.mean(seen == 0) < 0.13
+        hidden.append(set(ids[seen == 0]))
+    assert hidden[0] != hidden[1]
+    unchanged = train.code_dataset(grids, 100, condition=condition)
+    assert all((inputs[1].numpy() == 3).all() for inputs, _ in unchanged)
+
+
+def test_prior_grids_follow_the_cache_order_and_add_mirrored_slices(tmp_path):
+    """The training grids line up with the slices' positions (the shuffled training split
+    would not), and mirroring adds each training slice flipped left to right."""
+    import cache
+    import data
+    import train
+    from conftest import write_png
+
+    root = tmp_path / "oasis"
+    for split in data.SPLITS:
+        for k in range(6):
+            image = np.zeros((8, 8))
+            image[:, : k + 1] = (k + 1) / 10  # slice k: its left k + 1 columns at brightness (k + 1) / 10
+            write_png(str(root / data.OASIS_DIRS[split] / f"case_001_slice_{k}.nii.png"), image)
+    source = data.find_source(str(root))
+    source.manifests = {split: cache.cache_split(source, split, (8, 8), str(tmp_path / "cache"), verbose=False)
+                        for split in data.SPLITS}
+
+    class Brightness:  # a stand-in encoder: each slice's brightest pixel, and where its left edge is lit
+        def encode(self, images):
+            images = images.numpy()[..., 0]
+            return tf.constant(np.stack([np.round(images.max(axis=(1, 2)) * 10),
+                                         (images[:, :, 0] > 0).mean(axis=1)], axis=1)[:, :, None].astype(np.int32))
+
+    config = type("Config", (), dict(batch_size=4, shift=0.0))
+    codes = train.encode_codes(Brightness(), train.ordered_splits(config, source), mirror=True)
+    np.testing.assert_array_equal(codes["train"][:, 0, 0], [1, 2, 3, 4, 5, 6])  # slices 0-5 in order
+    np.testing.assert_array_equal(codes["train"][:, 1, 0], 1)  # lit at the left edge
+    np.testing.assert_array_equal(codes["train_mirrored"][:, 0, 0], [1, 2, 3, 4, 5, 6])
+    np.testing.assert_array_equal(codes["train_mirrored"][:, 1, 0], 0)  # mirrored: lit at the right edge only
+    positions = {split: np.asarray(m["positions"], np.float32) for split, m in source.manifests.items()}
+    grids, where = train.training_grids(codes, positions, mirror=True)
+    assert len(grids["train"]) == 12 and len(grids["validate"]) == 6
+    np.testing.assert_allclose(where["train"], np.tile(np.arange(6) / 5, 2), atol=1e-6)

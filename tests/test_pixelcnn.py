@@ -87,6 +87,25 @@ def test_fast_sampler_is_exact(variant, height, width):
                                sampler.used_logits().numpy(), atol=1e-4)
 
 
+def test_sampler_keeps_fixed_codes_and_redraws_the_rest_given_them():
+    """Healing: codes where `keep` is set stay; the others are drawn given every code before
+    them (kept or redrawn), so the logits still equal a full pass over the result."""
+    model = random_model("gated")
+    rng = np.random.default_rng(0)
+    fixed = rng.integers(0, 6, (3, 5, 6)).astype(np.int32)
+    keep = rng.uniform(size=(3, 5, 6)) < 0.7
+    sampler = pixelcnn.Sampler(model, batch_size=3, height=5, width=6)
+    healed = sampler.sample(1.0, seed=2, fixed=fixed, keep=keep).numpy()
+    np.testing.assert_array_equal(healed[keep], fixed[keep])
+    assert (healed[~keep] != fixed[~keep]).any()
+    np.testing.assert_allclose(sampler.used_logits().numpy(), model(healed).numpy(), atol=1e-4)
+    # Nothing kept: an ordinary sample, the same codes as without the mask.
+    np.testing.assert_array_equal(sampler.sample(1.0, seed=2, fixed=fixed, keep=np.zeros_like(keep)).numpy(),
+                                  sampler.sample(1.0, seed=2).numpy())
+    with pytest.raises(ValueError, match="both"):
+        sampler.sample(fixed=fixed)
+
+
 def test_sampling_is_seeded_and_temperature_sharpens():
     model = random_model("gated")
     sampler = pixelcnn.Sampler(model, batch_size=4, height=4, width=4)

@@ -169,8 +169,9 @@ def fitted_model(epochs=8, **kwargs):
     return model, history.history
 
 
-def test_training_reduces_loss_and_tracks_metrics():
-    model, history = fitted_model()
+@pytest.mark.parametrize("norm", ["batch", "group", "none"])
+def test_training_reduces_loss_and_tracks_metrics(norm):
+    model, history = fitted_model(norm=norm)
     assert history["reconstruction_loss"][-1] < 0.5 * history["reconstruction_loss"][0]
     assert history["ssim"][-1] > history["ssim"][0]
     for name in ("loss", "vq_loss", "psnr", "perplexity", "codebook_usage"):
@@ -188,8 +189,9 @@ def test_validation_callback_logs_val_metrics():
         assert len(history.history[name]) == 2
 
 
-def test_save_load_round_trip(tmp_path):
-    model, _ = fitted_model(epochs=1, ema_decay=0.9, dead_code_steps=5, shift=-0.25)
+@pytest.mark.parametrize("norm", ["batch", "group"])
+def test_save_load_round_trip(tmp_path, norm):
+    model, _ = fitted_model(epochs=1, ema_decay=0.9, dead_code_steps=5, shift=-0.25, norm=norm)
     path = str(tmp_path / "vqvae.keras")
     model.save(path)
     loaded = keras.models.load_model(path)  # no custom_objects: everything is registered
@@ -243,3 +245,16 @@ def test_time_limit_stops_before_an_epoch_would_overrun():
         time.sleep(0.01)
         limit.on_epoch_end(0)
         assert model.stop_training == stops
+
+
+def test_group_norm_scores_a_slice_the_same_alone_or_in_a_batch():
+    """Group normalisation works per slice: in training mode too, a slice's reconstruction
+    does not depend on the other slices of its batch (batch normalisation's does)."""
+    images = tiny_images(4, seed=2)
+    for norm, alike in (("group", True), ("batch", False)):
+        keras.utils.set_random_seed(0)
+        model = vqvae.VQVAE(num_embeddings=16, latent_dim=4, filters=(8, 8), num_res_blocks=1, norm=norm)
+        alone, together = model.encoder(images[:1], training=True), model.encoder(images, training=True)[:1]
+        assert np.allclose(alone.numpy(), together.numpy(), atol=1e-5) == alike, norm
+    with pytest.raises(ValueError, match="norm must be one of batch, group, none, got 'layer'"):
+        vqvae.VQVAE(num_embeddings=4, latent_dim=2, filters=(4,), norm="layer")

@@ -1,0 +1,264 @@
+"""Anomaly maps: where a slice departs from what a model of healthy brains has learnt.
+
+A VQ-VAE reconstructs a lesion as faithfully as the rest of a slice, so its reconstruction
+error marks edges, not lesions. Its prior does know what healthy code grids look like. So,
+as in Pinaya et al. 2022 (Medical Image Analysis) and MONAI's generative tutorials:
+
+1. encode the slice and score every code's likelihood under the prior in one parallel pass
+   (the prior gives all conditional logits of a grid at once; for the hierarchical prior,
+   each level's: the top grid's codes, then the codes given the top grid);
+2. mark the codes whose negative log-likelihood (NLL) is above a threshold: a high
+   quantile of the same figure over the healthy codes of the run's validation split
+   (`thresholds`), widened by a code so that a lesion is redrawn with room around it;
+3. "heal" the slice: redraw the marked codes from the prior, each given every code before
+   it (kept or redrawn), with the exact cached sampler (`pixelcnn.Sampler(fixed, keep)`),
+   several times; top codes first, then every code of a block whose top code changed;
+4. decode each healed grid and average them;
+5. the map is the difference between the slice and its healed version, only where healing
+   changed codes, smoothed. A slice's score is the map's 99.9th percentile (what its
+   brightest small region reaches).
+
+`driver.py anomaly` runs this on a folder of files (`write_maps`); `benchmarks/anomaly.py`
+measures it against the reconstruction residual on slices with synthetic lesions.
+"""
+
+import os
+
+import numpy as np
+import tensorflow as tf
+from scipy import ndimage
+
+import hierarchy
+
+DRAWS = 4  # healed versions averaged per slice
+QUANTILE = 0.995  # of the validation split's per-code NLL: codes above it (and their neighbours) are redrawn
+SMOOTHING = 2.0  # Gaussian sigma of the map, in pixels
+SCORE_PERCENTILE = 99.9  # a slice's score: this percentile of its map
+SUFFIXES = (".nii.gz", ".nii", ".png", ".jpg", ".jpeg", ".bmp")  # taken off file names for output names
+
+
+# ---------------------------------------------------------------------------
+# Likelihood of each code
+
+
+def level_nll(prior, codes):
+    """{level: per-code NLL in nats} of (B, h, w) codes: "bottom" (the codes, given the top
+    grid for a hierarchical prior) and, for a hierarchical prior, "top" (its top grid), with
+    the top codes under "top_codes"."""
+    if isinstance(prior, hierarchy.HierarchicalPrior):
+        top, top_nll, bottom_nll = prior.level_nll(codes)
+        return {"top_codes": top.numpy(), "top": top_nll.numpy(), "bottom": bottom_nll.numpy()}
+    return {"bottom": prior.code_nll(codes).numpy()}
+
+
+def thresholds(prior, grids, quantile=QUANTILE, batch_size=32):
+    """{level: NLL threshold}: the `quantile` of each level's per-code NLL over healthy
+    (N, h, w) code grids (the run's validation split)."""
+    values = {}
+    for start in range(0, len(grids), batch_size):
+        for level, nll in level_nll(prior, tf.constant(grids[start: start + batch_size])).items():
+            if level != "top_codes":
+                values.setdefault(level, []).append(nll.ravel())
+    return {level: float(np.quantile(np.concatenate(parts), quantile)) for level, parts in values.items()}
+
+
+# ---------------------------------------------------------------------------
+# Healing
+
+
+def mark(nll, limit):
+    """The (B, h, w) bool mask of codes to redraw: those whose NLL is above `limit`, and
+    their neighbours."""
+    return ndimage.binary_dilation(nll > limit, np.ones((1, 3, 3), bool))
+
+
+class Healer:
+    """Redraws the unlikely codes of (batch_size, height, width) code grids from a prior,
+    given the likely ones, with exact cached samplers (one per level)."""
+
+    def __init__(self, prior, batch_size, height, width):
+        self.prior = prior
+        self.hierarchical = isinstance(prior, hierarchy.HierarchicalPrior)
+        if self.hierarchical:
+            self.sampler = hierarchy.HierarchicalSampler(prior, batch_size, height, width)
+        else:
+            self.sampler = hierarchy.sampler_for(prior, batch_size, height, width)
+
+    def heal(self, codes, limits, seed=0):
+        """(healed codes, marked codes): the (B, h, w) codes with the codes `mark` picks by
+        their NLL and their level's limit in `limits` redrawn (and, for a hierarchical
+        prior, every code of a block whose top code was redrawn and came out different),
+        and the bool mask of the codes that were allowed to change."""
+        nll = level_nll(self.prior, tf.constant(codes))
+        if not self.hierarchical:
+            marked = mark(nll["bottom"], limits["bottom"])
+            return self.sampler.sample(1.0, seed, fixed=codes, keep=~marked).numpy(), marked
+        top = nll["top_codes"]
+        condition = None
+        if self.prior.position_bins:
+            condition = np.zeros((len(codes), 1, 1), np.int32)  # position unknown
+        healed_top = self.sampler.top.sample(1.0, seed, condition=condition, fixed=top,
+                                             keep=~mark(nll["top"], limits["top"])).numpy()
+        height, width = codes.shape[1:]
+        moved = self.prior.upsample(tf.constant(healed_top != top), height, width).numpy()
+        marked = mark(nll["bottom"], limits["bottom"]) | moved
+        healed = self.sampler.bottom.sample(1.0, seed + hierarchy.BOTTOM_SEED_OFFSET, condition=healed_top,
+                                            fixed=codes, keep=~marked)
+        return healed.numpy(), marked
+
+
+def anomaly_maps(model, healer, images, limits, draws=DRAWS, seed=0):
+    """Anomaly maps of (B, H, W, 1) slices in [0, 1] (B * draws = the healer's batch):
+    a dict of "maps" (B, H, W), "healed" (B, H, W) slices, "scores" (B,), per-code "nll"
+    (B, h, w) and the share of codes "marked" (B,)."""
+    batch = len(images)
+    codes = model.encode(images + model.shift).numpy()
+    repeated = np.repeat(codes, draws, axis=0)
+    healed_codes, marked = healer.heal(repeated, limits, seed)
+    decoded = np.clip(model.decode(healed_codes).numpy()[..., 0] - model.shift, 0, 1)
+    healed = decoded.reshape(batch, draws, *decoded.shape[1:]).mean(axis=1)
+    changed = (healed_codes != repeated).reshape(batch, draws, *codes.shape[1:]).any(axis=1)
+    scale = model.downsampling
+    region = np.repeat(np.repeat(changed, scale, axis=1), scale, axis=2)
+    # A code's decoded pixels spill over its neighbours: widen the region by one code.
+    region = ndimage.binary_dilation(region, np.ones((1, 2 * scale + 1, 2 * scale + 1), bool))
+    difference = np.abs(images[..., 0] - healed) * region
+    maps = ndimage.gaussian_filter(difference, (0, SMOOTHING, SMOOTHING))
+    nll = healer.prior.code_nll(tf.constant(codes)).numpy()
+    return {"maps": maps.astype(np.float32), "healed": healed, "nll": nll,
+            "scores": np.percentile(maps.reshape(batch, -1), SCORE_PERCENTILE, axis=1),
+            "marked": marked.reshape(batch, draws, *codes.shape[1:])[:, 0].mean(axis=(1, 2))}
+
+
+# ---------------------------------------------------------------------------
+# Files in, maps out
+
+
+def to_input_size(image, shape, size):
+    """Undo `data.fit_to_size`: crop the padding tf.image.resize_with_pad added around an
+    (H', W') slice of `size` when it resized one of `shape`, and resize back to `shape`."""
+    height, width = shape
+    ratio = max(height / size[0], width / size[1])
+    inner = (int(np.floor(height / ratio)), int(np.floor(width / ratio)))
+    top, left = (max(0, int(np.floor((size[i] - (height, width)[i] / ratio) / 2))) for i in range(2))
+    crop = image[top: top + inner[0], left: left + inner[1]]
+    return tf.image.resize(crop[..., None], shape, method="bilinear").numpy()[..., 0]
+
+
+def file_slices(path, slice_axis=-1, volume_index=0):
+    """The [0, 1] 2D slices of an image file as the run reads them (a PNG gives one, a
+    NIfTI file one per slice), and how to write a map of the file: (nibabel affine or
+    None, slice axis or None for a 2D file)."""
+    import data
+
+    if data.is_png(path):
+        return [data.decode_png(path).numpy()[..., 0]], (None, None)
+    import nibabel
+
+    slices = data.nifti_slices(path, slice_axis, volume_index)
+    return slices, (nibabel.load(path).affine, slice_axis if len(slices) > 1 else None)
+
+
+def stem(path):
+    """A file's name without `.png`, `.nii` or `.nii.gz` (`case_1_slice_0.nii.png` -> `case_1_slice_0`)."""
+    name = os.path.basename(path)
+    while True:
+        suffix = next((s for s in SUFFIXES if name.lower().endswith(s)), None)
+        if suffix is None or len(name) == len(suffix):
+            return name
+        name = name[: -len(suffix)]
+
+
+def write_maps(model, prior, paths, run_config, out, limits, draws=DRAWS, batch_size=4, seed=0):
+    """Anomaly maps of every slice of the files at `paths`, written to OUT per file:
+    `<stem>_anomaly.nii.gz` (float32, at the file's own height and width, in its own space
+    for NIfTI; a volume gives a volume), `<stem>_anomaly.png` (slice, healed slice and map;
+    a volume's highest-scoring slice), `<stem>_code_nll.npy` (per-code NLL in nats), and
+    `OUT/scores.csv` (file, score: a volume's highest slice score). Returns the rows."""
+    import nibabel
+
+    import data
+    import files
+    import plots
+
+    size = run_config["image_size"]
+    height, width = size[0] // model.downsampling, size[1] // model.downsampling
+    healer = Healer(prior, batch_size * draws, height, width)
+    os.makedirs(out, exist_ok=True)
+    files.remove_stale_temporaries(out)
+    progress, rows = data.progress_bar(len(paths), "file"), []
+    for count, path in enumerate(paths, 1):
+        try:
+            originals, (affine, axis) = file_slices(path, run_config.get("slice_axis", -1),
+                                                    run_config.get("volume_index", 0))
+        except (data.DataError, tf.errors.OpError) as error:
+            reason = data.error_reason(error) if isinstance(error, tf.errors.OpError) else str(error)
+            print(f"\nskipped {path}: {reason}", flush=True)
+            continue
+        results = []
+        for start in range(0, len(originals), batch_size):
+            chunk = [data.fit_to_size(image[..., None], size).numpy() for image in originals[start: start + batch_size]]
+            padding = batch_size - len(chunk)  # the healer's batch is fixed: fill it with blank slices
+            images = np.stack(chunk + [np.zeros_like(chunk[0])] * padding)
+            found = anomaly_maps(model, healer, images, limits, draws, seed)
+            results += [{key: value[i] for key, value in found.items()} for i in range(len(chunk))]
+        maps = np.stack([to_input_size(result["maps"], image.shape, size) for result, image in zip(results, originals)])
+        name = os.path.join(out, stem(path))
+        volume = maps[0] if axis is None else np.moveaxis(maps, 0, axis)
+        files.atomic_write(name + "_anomaly.nii.gz", lambda temporary: nibabel.save(
+            nibabel.Nifti1Image(volume.astype(np.float32), np.eye(4) if affine is None else affine), temporary))
+        nll = np.stack([result["nll"] for result in results])
+        files.atomic_write(name + "_code_nll.npy", lambda temporary: np.save(
+            temporary, nll[0] if axis is None else nll))
+        scores = [float(result["scores"]) for result in results]
+        best = int(np.argmax(scores))
+        healed = to_input_size(results[best]["healed"], originals[best].shape, size)
+        plots.anomaly_figure([[originals[best], healed, maps[best]]], name + "_anomaly.png",
+                             titles=("slice" + (f" {best}" if axis is not None else ""), "healed",
+                                     f"anomaly map (score {scores[best]:.3f})"), cmap=run_config.get("cmap", "gray"))
+        rows.append((os.path.basename(path), max(scores)))
+        progress.update(count)
+    if not rows:
+        raise data.DataError(f"none of the {len(paths)} files could be read (each is named above with its reason)")
+    files.write_csv(os.path.join(out, "scores.csv"), ["file", "score"], [(n, f"{s:.6f}") for n, s in rows])
+    return rows
+
+
+def run_thresholds(run_dir, prior, quantile=QUANTILE):
+    """{level: NLL threshold} of a run's prior at `quantile`, from the validation split's
+    code grids in RUN/codes.npz; kept in RUN/anomaly_thresholds.json, computed once per
+    quantile."""
+    import files
+    from data import DataError
+
+    path = os.path.join(run_dir, "anomaly_thresholds.json")
+    saved = files.read_json(path) if os.path.exists(path) else {}
+    key = f"{quantile:g}"
+    if key not in saved:
+        codes_path = os.path.join(run_dir, "codes.npz")
+        if not os.path.exists(codes_path):
+            raise DataError(f"--run {run_dir}: no codes.npz, whose validation code grids set the thresholds")
+        print(f"thresholds: the {quantile:g} quantile of each code's NLL over the validation split", flush=True)
+        saved[key] = thresholds(prior, np.load(codes_path)["validate"], quantile)
+        files.write_json(path, saved)
+    return saved[key]
+
+
+def map_folder(run_dir, folder, split="test", out=None, draws=DRAWS, quantile=QUANTILE, batch_size=4, seed=0):
+    """`driver.py anomaly`: the maps of every file in `folder` (its `split` folder, if it
+    has split folders) from a run's models, in `out` (default RUN/anomaly-<folder name>)."""
+    import data
+    import runs
+
+    config = runs.load_config(run_dir)
+    model, prior = (runs.load_model(run_dir, name) for name in ("vqvae.keras", "pixelcnn.keras"))
+    folder = data.split_folder(runs.require_folder(folder), split)
+    paths = data.list_images(folder)
+    if not paths:
+        raise data.DataError(f"--data {folder}: no PNG or NIfTI files")
+    out = out or os.path.join(run_dir, f"anomaly-{os.path.basename(os.path.normpath(folder))}")
+    limits = run_thresholds(run_dir, prior, quantile)
+    print(f"anomaly maps of {len(paths)} files from {folder}: {draws} healed versions each", flush=True)
+    rows = write_maps(model, prior, paths, config, out, limits, draws, batch_size, seed)
+    print(f"wrote the maps of {len(rows)} files and scores.csv to {out}", flush=True)
+    return rows

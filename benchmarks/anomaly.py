@@ -1,0 +1,225 @@
+"""Do the anomaly maps point at lesions? Synthetic lesions in real test slices.
+
+    python benchmarks/anomaly.py --run RUN --data ../shared/data/oasis_like [--slices 60]
+                                 [--draws 4] [--quantile 0.995] [--figure resources/anomaly_examples.png]
+
+Takes --slices slices spread over the test split of --data (subjects the run never saw),
+inserts 1-3 lesions into most of them (bright and dark ellipses with soft edges, radius
+3-15 px at 256x256, of several contrasts, inside the head) and leaves --clean-share of
+them clean, writes them as PNG files, and runs `driver.py anomaly`'s method on them
+(`anomaly.map_folder`, thresholds from the run's validation split). Against the lesion
+masks it reports, for the prior-based maps and for the reconstruction residual
+|slice - reconstruction| (smoothed alike):
+
+* pixel-level AUPRC inside the head (average precision; the lesion share is chance);
+* the best Dice over all thresholds;
+* slice-level AUROC, lesion slices against clean ones, of each slice's score;
+* seconds per slice.
+"""
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+from scipy import ndimage  # noqa: E402
+
+import table  # noqa: E402
+
+
+def head_mask(image):
+    """The head: foreground (> 0.1) with its holes filled."""
+    return ndimage.binary_fill_holes(image > 0.1)
+
+
+def insert_lesions(image, rng, count):
+    """The slice with `count` soft-edged ellipses inside the head (each bright or dark, of
+    contrast 0.25-0.6, radii 3-15 px at 256 px), and the lesion mask."""
+    scale = image.shape[0] / 256
+    inside = ndimage.binary_erosion(head_mask(image), iterations=max(1, int(16 * scale)))
+    candidates = np.argwhere(inside)
+    out, mask = image.copy(), np.zeros(image.shape, bool)
+    rows, columns = np.mgrid[: image.shape[0], : image.shape[1]]
+    for _ in range(count if len(candidates) else 0):
+        centre = candidates[rng.integers(len(candidates))]
+        radii = rng.uniform(3, 15, 2) * scale
+        angle = rng.uniform(0, np.pi)
+        dy, dx = rows - centre[0], columns - centre[1]
+        u = (dx * np.cos(angle) + dy * np.sin(angle)) / radii[0]
+        v = (-dx * np.sin(angle) + dy * np.cos(angle)) / radii[1]
+        profile = 1 / (1 + np.exp((np.sqrt(u ** 2 + v ** 2) - 1) * 8))  # soft edge
+        contrast = rng.uniform(0.25, 0.6)
+        if rng.uniform() < 0.5:
+            out = out + contrast * profile * (1 - out)  # bright
+        else:
+            out = out * (1 - contrast * profile)  # dark
+        mask |= profile > 0.5
+    return np.clip(out, 0, 1), mask
+
+
+def average_precision(scores, labels):
+    """Area under the precision-recall curve (average precision) of scores for bool labels."""
+    order = np.argsort(-scores, kind="stable")
+    hits = labels[order]
+    if not hits.any():
+        return float("nan")
+    precision = np.cumsum(hits) / np.arange(1, len(hits) + 1)
+    return float(precision[hits].sum() / hits.sum())
+
+
+def best_dice(scores, labels):
+    """The best Dice of `scores > t` against bool labels, over every threshold t."""
+    order = np.argsort(-scores, kind="stable")
+    true_positives = np.cumsum(labels[order])
+    predicted = np.arange(1, len(scores) + 1)
+    return float(np.max(2 * true_positives / (predicted + labels.sum())))
+
+
+def auroc(scores, labels):
+    """Area under the ROC curve (the Mann-Whitney statistic, ties counted half)."""
+    order = np.argsort(scores, kind="stable")
+    sorted_scores = scores[order]
+    rank = np.empty(len(scores))
+    start = 0
+    while start < len(scores):  # average ranks over ties
+        end = start
+        while end + 1 < len(scores) and sorted_scores[end + 1] == sorted_scores[start]:
+            end += 1
+        rank[order[start: end + 1]] = (start + end) / 2 + 1
+        start = end + 1
+    positives, negatives = labels.sum(), (~labels).sum()
+    return float((rank[labels].sum() - positives * (positives + 1) / 2) / (positives * negatives))
+
+
+def scores_of(maps, images, masks, slice_scores, lesioned):
+    """AUPRC and best Dice over the head's pixels, and slice AUROC."""
+    heads = np.stack([head_mask(image) for image in images])
+    pixels, labels = maps[heads], masks[heads]
+    return {"auprc": average_precision(pixels, labels), "lesion_share": float(labels.mean()),
+            "best_dice": best_dice(pixels, labels), "slice_auroc": auroc(np.asarray(slice_scores), lesioned)}
+
+
+def code_likelihoods(model, prior, images, clean, masks):
+    """Why the maps look as they do: each level's mean NLL at the codes the lesions changed,
+    with the lesions and without, and the pixel AUPRC of each level's NLL map alone."""
+    import tensorflow as tf
+
+    import anomaly
+
+    heads = np.stack([head_mask(image) for image in images])
+    levels = {}
+    for name, slices in (("lesions", images), ("clean", clean)):
+        codes = np.concatenate([model.encode(slices[i: i + 16, ..., None] + model.shift).numpy()
+                                for i in range(0, len(slices), 16)])
+        parts = [anomaly.level_nll(prior, tf.constant(codes[i: i + 16])) for i in range(0, len(codes), 16)]
+        levels[name] = {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
+        levels[name]["codes"] = codes
+    for level, codes_key in (("bottom", "codes"), ("top", "top_codes")):
+        if level not in levels["lesions"]:
+            continue
+        changed = levels["lesions"][codes_key] != levels["clean"][codes_key]
+        nll = levels["lesions"][level]
+        scale = images.shape[1] // nll.shape[1]
+        upsampled = np.repeat(np.repeat(nll, scale, axis=1), scale, axis=2)[:, : images.shape[1], : images.shape[2]]
+        smoothed = ndimage.gaussian_filter(upsampled, (0, 2, 2))
+        print(f"{level} codes: {changed.sum()} changed by the lesions; their mean NLL {nll[changed].mean():.2f} nats "
+              f"with the lesions, {levels['clean'][level][changed].mean():.2f} without; the NLL map alone: pixel "
+              f"AUPRC {average_precision(smoothed[heads], masks[heads]):.3f}", flush=True)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", required=True, help="a trained run (VQ-VAE and prior) of healthy slices")
+    parser.add_argument("--data", required=True, help="data root whose test split gets the lesions")
+    parser.add_argument("--slices", type=int, default=60, help="test slices used")
+    parser.add_argument("--clean-share", type=float, default=0.3, help="share of slices left without lesions")
+    parser.add_argument("--draws", type=int, default=None, help="healed versions per slice (default: the command's)")
+    parser.add_argument("--quantile", type=float, default=None, help="NLL threshold quantile (default: the command's)")
+    parser.add_argument("--batch-size", type=int, default=4, help="slices healed at once")
+    parser.add_argument("--seed", type=int, default=0, help="lesion and sampling seed")
+    parser.add_argument("--figure", help="write a figure of a few slices here")
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args()
+
+    import nibabel
+    import tensorflow as tf
+
+    import anomaly
+    import data
+    import plots
+    import runs
+
+    config = runs.load_config(args.run)
+    model = runs.load_model(args.run, "vqvae.keras")
+    size = config["image_size"]
+    test = data.find_source(args.data).files["test"]
+    chosen = [test[i] for i in np.linspace(0, len(test) - 1, min(args.slices, len(test))).astype(int)]
+    rng = np.random.default_rng(args.seed)
+    images, clean, masks, lesioned = [], [], [], []
+    folder = tempfile.mkdtemp(prefix="lesions-")
+    for index, path in enumerate(chosen):
+        image = data.fit_to_size(data.decode_png(path) if data.is_png(path) else
+                                 data.nifti_slices(path)[0][..., None], size).numpy()[..., 0]
+        count = 0 if rng.uniform() < args.clean_share else int(rng.integers(1, 4))
+        clean.append(image)
+        image, mask = insert_lesions(image, rng, count)
+        images.append(image)
+        masks.append(mask)
+        lesioned.append(mask.any())
+        png = tf.io.encode_png(np.round(image * 255).astype(np.uint8)[..., None])
+        tf.io.write_file(os.path.join(folder, f"slice_{index:03d}.png"), png)
+    images, masks, lesioned = np.stack(images), np.stack(masks), np.array(lesioned)
+    images = np.round(images * 255) / 255  # as written
+    print(f"{len(images)} test slices, {lesioned.sum()} with lesions (lesion share of the head's pixels: "
+          f"{masks[np.stack([head_mask(i) for i in images])].mean():.4f}); maps in {folder}/maps", flush=True)
+
+    options = {key: value for key, value in (("draws", args.draws), ("quantile", args.quantile)) if value is not None}
+    start = time.time()
+    rows = anomaly.map_folder(args.run, folder, out=os.path.join(folder, "maps"), batch_size=args.batch_size,
+                              seed=args.seed, **options)
+    seconds = (time.time() - start) / len(images)
+    maps = np.stack([nibabel.load(os.path.join(folder, "maps", f"slice_{i:03d}_anomaly.nii.gz")).get_fdata()
+                     for i in range(len(images))])
+    prior_scores = [score for _, score in rows]
+
+    start = time.time()
+    residuals = []
+    for batch in range(0, len(images), 16):
+        chunk = images[batch: batch + 16, ..., None] + model.shift
+        reconstructed = np.clip(model(chunk).numpy()[..., 0] - model.shift, 0, 1)
+        residuals.append(ndimage.gaussian_filter(np.abs(images[batch: batch + 16] - reconstructed),
+                                                 (0, anomaly.SMOOTHING, anomaly.SMOOTHING)))
+    residuals = np.concatenate(residuals)
+    residual_seconds = (time.time() - start) / len(images)
+    residual_scores = np.percentile(residuals.reshape(len(images), -1), anomaly.SCORE_PERCENTILE, axis=1)
+
+    code_likelihoods(model, runs.load_model(args.run, "pixelcnn.keras"), images, np.stack(clean), masks)
+    results = {"prior (healing)": {**scores_of(maps, images, masks, prior_scores, lesioned), "seconds": seconds},
+               "reconstruction residual": {**scores_of(residuals, images, masks, residual_scores, lesioned),
+                                           "seconds": residual_seconds}}
+    table.print_table([("map", 24, "{}"), ("pixel AUPRC", 11, "{:.3f}"), ("lesion share", 12, "{:.4f}"),
+                       ("best Dice", 9, "{:.3f}"), ("slice AUROC", 11, "{:.3f}"), ("s/slice", 7, "{:.2f}")],
+                      [[name, r["auprc"], r["lesion_share"], r["best_dice"], r["slice_auroc"], r["seconds"]]
+                       for name, r in results.items()])
+    if args.figure:
+        shown = [i for i in np.argsort(-masks.sum(axis=(1, 2))) if lesioned[i]][:3] + list(np.where(~lesioned)[0][:1])
+        prior = runs.load_model(args.run, "pixelcnn.keras")
+        limits = anomaly.run_thresholds(args.run, prior, args.quantile or anomaly.QUANTILE)
+        draws = args.draws or anomaly.DRAWS
+        healer = anomaly.Healer(prior, len(shown) * draws, size[0] // model.downsampling, size[1] // model.downsampling)
+        healed = anomaly.anomaly_maps(model, healer, images[shown, ..., None], limits, draws, args.seed)["healed"]
+        figure_rows = [[images[i], healed[k], maps[i], residuals[i], masks[i].astype(float)] for k, i in enumerate(shown)]
+        plots.anomaly_figure(figure_rows, args.figure, titles=("slice (lesions added)", "healed", "anomaly map (prior)",
+                                                               "residual |slice - reconstruction|", "lesions"),
+                             cmap=config.get("cmap", "gray"))
+        print(f"wrote {args.figure}")
+    table.save(args.json, {"run": args.run, "slices": len(images), "lesion_slices": int(lesioned.sum()),
+                           "results": results, **options})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""anomaly.py and `driver.py anomaly`: healing unlikely codes, maps at each input's size."""
+
+import csv
+import json
+import os
+
+import keras
+import nibabel
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import phantom, write_nifti, write_png
+
+import anomaly
+import data
+import driver
+import hierarchy
+import pixelcnn
+import vqvae
+
+
+def confident_prior(num_embeddings=4, steps=60):
+    """A gated PixelCNN trained until it expects code 0 everywhere."""
+    keras.utils.set_random_seed(0)
+    prior = pixelcnn.PixelCNN(num_embeddings, "gated", filters=8, num_layers=2, first_kernel_size=3)
+    prior.compile(optimizer=keras.optimizers.Adam(1e-2),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    grids = np.zeros((32, 6, 6), np.int32)
+    prior.fit(grids, grids, batch_size=16, epochs=steps // 2, verbose=0)
+    return prior
+
+
+def test_healer_redraws_only_the_unlikely_codes():
+    prior = confident_prior()
+    codes = np.zeros((2, 6, 6), np.int32)
+    codes[0, 2:4, 3:5] = 3  # a "lesion" in the first grid; the second is healthy
+    limits = anomaly.thresholds(prior, np.zeros((8, 6, 6), np.int32), quantile=0.99)
+    healed, marked = anomaly.Healer(prior, 2, 6, 6).heal(codes, {"bottom": limits["bottom"] + 0.5})
+    assert marked[0, 2:4, 3:5].all() and not marked[1].any()
+    np.testing.assert_array_equal(healed[1], 0)
+    np.testing.assert_array_equal(healed[0], 0)  # the prior redraws the lesion's codes as healthy ones
+
+
+def test_map_returns_to_the_input_size():
+    image = np.zeros((40, 24), np.float32)
+    image[10:30, 6:18] = 1.0
+    fitted = data.fit_to_size(image[..., None], (32, 32)).numpy()[..., 0]
+    back = anomaly.to_input_size(fitted, (40, 24), (32, 32))
+    assert back.shape == (40, 24)
+    assert np.abs(back - image).mean() < 0.08 and back[15:25, 9:15].min() > 0.9
+
+
+@pytest.mark.parametrize("name, expected", [("case_001_slice_3.nii.png", "case_001_slice_3"),
+                                            ("Subj1_T1.nii.gz", "Subj1_T1"), ("scan.nii", "scan"),
+                                            ("a.png", "a"), (".png", ".png")])
+def test_stem(name, expected):
+    assert anomaly.stem(f"/some/folder/{name}") == expected
+
+
+def tiny_run(folder, position_bins=0):
+    """A run folder with an untrained 32x32 VQ-VAE and hierarchical prior, as the driver saves them."""
+    keras.utils.set_random_seed(0)
+    model = vqvae.VQVAE(num_embeddings=8, latent_dim=4, filters=(4, 8), num_res_blocks=1)
+    settings = dict(filters=8, num_layers=2)
+    prior = hierarchy.HierarchicalPrior(8, 4, top_embeddings=4, factor=2, top=settings, bottom=settings,
+                                        position_bins=position_bins)
+    grids = np.random.default_rng(0).integers(0, 8, (12, 8, 8)).astype(np.int32)
+    prior.fit_top_codebook(model.quantizer.codebook.numpy(), grids)
+    os.makedirs(folder)
+    model.save(os.path.join(folder, "vqvae.keras"))
+    prior.save(os.path.join(folder, "pixelcnn.keras"))
+    np.savez(os.path.join(folder, "codes.npz"), train=grids, validate=grids[:6], test=grids[6:])
+    json.dump({"image_size": [32, 32], "slice_axis": -1, "volume_index": 0, "cmap": "gray"},
+              open(os.path.join(folder, "config.json"), "w"))
+    return folder
+
+
+def test_anomaly_command_writes_maps_at_each_inputs_size(tmp_path):
+    run = tiny_run(str(tmp_path / "run"))
+    inputs = tmp_path / "new"
+    write_png(str(inputs / "case_001_slice_3.nii.png"), phantom(40, 1)[:, :24])
+    write_nifti(str(inputs / "slice.nii.gz"), (phantom(36, 2)[:, :28] * 900).astype(np.int16))
+    write_nifti(str(inputs / "volume.nii"), np.random.default_rng(3).uniform(0, 500, (20, 16, 3)))
+    (inputs / "broken.nii.gz").write_bytes(b"not a nifti file")
+    out = str(tmp_path / "maps")
+    rows = driver.main(["anomaly", "--run", run, "--data", str(inputs), "--out", out, "--draws", "2",
+                        "--batch-size", "2"])
+    assert [name for name, _ in rows] == ["case_001_slice_3.nii.png", "slice.nii.gz", "volume.nii"]
+    shapes = {"case_001_slice_3": (40, 24), "slice": (36, 28), "volume": (20, 16, 3)}
+    for stem, shape in shapes.items():
+        image = nibabel.load(os.path.join(out, f"{stem}_anomaly.nii.gz"))
+        assert image.shape == shape and image.get_data_dtype() == np.float32, stem
+        assert np.isfinite(image.get_fdata()).all() and image.get_fdata().min() >= 0
+        assert os.path.exists(os.path.join(out, f"{stem}_anomaly.png"))
+    assert np.load(os.path.join(out, "case_001_slice_3_code_nll.npy")).shape == (8, 8)
+    assert np.load(os.path.join(out, "volume_code_nll.npy")).shape == (3, 8, 8)
+    np.testing.assert_allclose(nibabel.load(os.path.join(out, "slice_anomaly.nii.gz")).affine,
+                               nibabel.load(str(inputs / "slice.nii.gz")).affine)
+    with open(os.path.join(out, "scores.csv")) as f:
+        scores = list(csv.DictReader(f))
+    assert [row["file"] for row in scores] == [name for name, _ in rows] and all(float(r["score"]) >= 0 for r in scores)
+    thresholds = json.load(open(os.path.join(run, "anomaly_thresholds.json")))
+    assert set(thresholds["0.995"]) == {"top", "bottom"}
+    assert not [name for name in os.listdir(out) if name.startswith(".tmp-")]
+
+
+def test_anomaly_command_errors(tmp_path):
+    run = tiny_run(str(tmp_path / "run"))
+    message = run_error(["anomaly", "--run", run])
+    assert "--data is required" in message
+    os.remove(os.path.join(run, "pixelcnn.keras"))
+    (tmp_path / "new").mkdir()
+    write_png(str(tmp_path / "new" / "a.png"), phantom(32, 0))
+    assert "no pixelcnn.keras" in run_error(["anomaly", "--run", run, "--data", str(tmp_path / "new")])
+    assert "--quantile must be between 0 and 1" in run_error(["anomaly", "--run", run, "--data", str(tmp_path),
+                                                                "--quantile", "1.5"])
+
+
+def run_error(argv):
+    with pytest.raises(SystemExit) as exit_info:
+        driver.main(argv)
+    message = str(exit_info.value.code)
+    assert message.startswith("driver.py: error: ") and "\n" not in message
+    return message
+
+
+def test_thresholds_are_quantiles_of_each_level():
+    prior = hierarchy.HierarchicalPrior(6, 3, top_embeddings=4, factor=2, top=dict(filters=4, num_layers=1),
+                                        bottom=dict(filters=4, num_layers=1))
+    grids = np.random.default_rng(1).integers(0, 6, (10, 4, 4)).astype(np.int32)
+    limits = anomaly.thresholds(prior, grids, quantile=0.5)
+    _, top_nll, bottom_nll = prior.level_nll(tf.constant(grids))
+    assert limits["top"] == pytest.approx(np.median(top_nll.numpy()), rel=1e-5)
+    assert limits["bottom"] == pytest.approx(np.median(bottom_nll.numpy()), rel=1e-5)
+
+
+def test_a_lesion_scores_higher_inside_it_than_the_same_slice_without_it():
+    """A small VQ-VAE and prior trained on healthy synthetic slices: a bright blob added to
+    a slice raises its map inside the blob, and its score."""
+    keras.utils.set_random_seed(0)
+    healthy = np.stack([phantom(32, seed) for seed in range(48)])[..., None].astype(np.float32)
+    model = vqvae.VQVAE(num_embeddings=16, latent_dim=4, filters=(8, 16), num_res_blocks=1)
+    model.compile(optimizer=keras.optimizers.Adam(3e-3))
+    model.fit(tf.data.Dataset.from_tensor_slices(healthy + model.shift).batch(8), epochs=15, verbose=0)
+    codes = model.encode(healthy + model.shift).numpy()
+    prior = pixelcnn.PixelCNN(16, "gated", filters=16, num_layers=3)
+    prior.compile(optimizer=keras.optimizers.Adam(1e-2),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    prior.fit(codes, codes, batch_size=16, epochs=30, verbose=0)
+
+    clean = phantom(32, 100)[..., None].astype(np.float32)
+    lesion = np.zeros((32, 32), bool)
+    lesion[12:18, 12:18] = True
+    sick = clean.copy()
+    sick[lesion] = 1.0
+    limits = anomaly.thresholds(prior, codes, quantile=0.98)
+    found = anomaly.anomaly_maps(model, anomaly.Healer(prior, 8, 8, 8), np.stack([clean, sick]), limits, draws=4)
+    maps = found["maps"]
+    assert maps[1][lesion].mean() > 2 * maps[0][lesion].mean()
+    assert found["scores"][1] > found["scores"][0]
