@@ -42,15 +42,15 @@ class Config:
     beta: float = option(0.25, "weight of the commitment loss")
     filters: list = option((16, 32), "channels of each stride-2 encoder stage (mirrored in the decoder): 2 values = /4")
     res_blocks: int = option(2, "residual blocks in the encoder and in the decoder")
-    ssim_weight: float = option(0.0, "weight of an SSIM term in the reconstruction loss: MSE + W x (1 - SSIM)")
-    norm: str = option("batch", "normalisation after each convolution: 'batch', 'group' (per slice) or 'none'")
+    ssim_weight: float = option(0.5, "weight of an SSIM term in the reconstruction loss: MSE + W x (1 - SSIM)")
+    norm: str = option("group", "normalisation after each convolution: 'group' (per slice), 'batch' or 'none'")
     ema_decay: float = option(0.99, "decay of the EMA codebook updates; 0 = loss-based codebook (keras.io recipe)")
     codebook_init: str = option("kmeans", "'kmeans' on the first batch of encoder outputs, or 'uniform' random")
     dead_code_steps: int = option(10, "restart a code unused for this many training steps (0 = never)")
     epochs: int = option(15, "VQ-VAE training epochs")
     batch_size: int = option(8, "slices per batch")
-    weights_ema: float = option(0.0, "validate and save an exponential moving average of the weights with this "
-                                     "momentum, e.g. 0.99 (0 = the weights as trained)")
+    weights_ema: float = option(0.99, "validate and save an exponential moving average of the weights with this "
+                                      "momentum (0 = the weights as trained)")
     learning_rate: float = option(2e-3, "Adam learning rate at the start, decayed along a half cosine to 5% of it "
                                         "over --epochs (or --max-minutes, if that comes first)")
     shift: float = option(-0.5, "added to the [0, 1] intensities before training")

@@ -13,6 +13,27 @@ python driver.py evaluate --run "$OUT-oasis" --samples 16
 python benchmarks/sampling.py --run "$OUT-oasis" --json "$OUT-oasis/sampling_benchmark.json"
 python driver.py --data "$DATA/oasis_like" --pcnn-variant gated --out "$OUT-oasis-gated"
 python benchmarks/realism.py --runs "$OUT-oasis-gated" "$OUT-oasis" --json "$OUT-oasis/realism.json"
+# Issue 14: the prior trained on mirrored slices and conditioned on slice position.
+python driver.py --data "$DATA/oasis_like" --pcnn-position-bins 10 --no-pcnn-mirror --out "$OUT-oasis-position"
+python driver.py --data "$DATA/oasis_like" --pcnn-position-bins 10 --out "$OUT-oasis-position-mirror"
+python benchmarks/realism.py --runs "$OUT-oasis-position" "$OUT-oasis-position-mirror"
+python benchmarks/sample_positions.py --run "$OUT-oasis-position-mirror" --out resources/oasis_samples_by_position.png
+# Issue 15: the VQ-VAE variants, 15 epochs each, and the training step's throughput.
+for variant in "batch:--norm batch --ssim-weight 0 --weights-ema 0" "group:--norm group --ssim-weight 0 --weights-ema 0" \
+               "batch-ssim:--norm batch --weights-ema 0" "group-ssim:--weights-ema 0" "default:"; do
+    python driver.py --data "$DATA/oasis_like" --pcnn-epochs 0 --out "$OUT-vqvae-${variant%%:*}" ${variant#*:}
+done
+python benchmarks/stability.py --runs "$OUT"-vqvae-{batch,group,batch-ssim,group-ssim,default} \
+    --plot resources/oasis_ssim_curves_variants.png --regions
+python driver.py --data "$DATA/hipmri_like" --pcnn-epochs 0 --norm batch --ssim-weight 0 --weights-ema 0 --out "$OUT-hipmri-old"
+python driver.py --data "$DATA/hipmri_like" --pcnn-epochs 0 --out "$OUT-hipmri-default"
+python benchmarks/stability.py --runs "$OUT-vqvae-batch" "$OUT-vqvae-default" "$OUT-hipmri-old" "$OUT-hipmri-default" \
+    --plot resources/ssim_curves_old_new.png --regions
+python benchmarks/throughput.py
+python benchmarks/throughput.py --set norm=batch ssim_weight=0 weights_ema=0
+# Issue 17: anomaly maps of synthetic lesions.
+python benchmarks/anomaly.py --run "$OUT-oasis-position-mirror" --data "$DATA/oasis_like" --slices 60 \
+    --figure resources/anomaly_examples.png
 python benchmarks/prior_variants.py --run "$OUT-oasis" --epochs 12 --json "$OUT-oasis/prior_variants.json"
 python benchmarks/codebook.py --data "$DATA/oasis_like" --K 128 512 --minutes 6 --image-size 128 \
     --out "$OUT-codebook" --json "$OUT-codebook/codebook.json"

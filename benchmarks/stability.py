@@ -7,7 +7,10 @@ For each trained run (a folder with history.csv and metrics.json), prints the ep
 the best and last validation SSIM, the largest fall of validation SSIM from one epoch to the
 next after epoch --after (the issue's steadiness figure; epochs are counted from 1), how
 many such falls exceed 0.02, and the test SSIM (mean and worst slice) of the saved model;
-and draws every run's validation SSIM per epoch on one figure.
+and draws every run's validation SSIM per epoch on one figure. With --regions, it also
+splits the validation SSIM of each run's best and last models (vqvae.keras and
+vqvae_last.keras) into the head, the background (the rest) and the 5-pixel border, to see
+where a fall is.
 """
 
 import argparse
@@ -34,6 +37,52 @@ def largest_fall(curve, after):
     return max([0.0] + falls), sum(fall > 0.02 for fall in falls)
 
 
+BORDER = 5  # px: the frame tf.image.ssim's 'valid' 11-pixel windows barely see
+
+
+def ssim_map(first, second):
+    """Per-pixel SSIM of two (N, H, W) [0, 1] stacks, as tf.image.ssim computes it (11-pixel
+    Gaussian window, sigma 1.5, K1 0.01, K2 0.03) before it averages the map."""
+    from scipy import ndimage
+
+    def blur(x):
+        return ndimage.gaussian_filter(x, (0, 1.5, 1.5), truncate=3.5)
+
+    mean_a, mean_b = blur(first), blur(second)
+    var_a, var_b = blur(first * first) - mean_a ** 2, blur(second * second) - mean_b ** 2
+    cov = blur(first * second) - mean_a * mean_b
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    return ((2 * mean_a * mean_b + c1) * (2 * cov + c2)) / ((mean_a ** 2 + mean_b ** 2 + c1) * (var_a + var_b + c2))
+
+
+def region_ssim(run, data_root, slices=96):
+    """{model file: (head SSIM, background SSIM)} on `slices` validation slices spread over
+    the split; the head is the filled foreground (> 0.1) widened by 5 px."""
+    import numpy as np
+    from scipy import ndimage
+
+    import data
+    import runs
+
+    config = runs.load_config(run)
+    files = data.find_source(data_root).files["validate"]
+    chosen = [files[i] for i in np.linspace(0, len(files) - 1, min(slices, len(files))).astype(int)]
+    images = np.stack([data.fit_to_size(data.decode_png(p) if data.is_png(p) else data.nifti_slices(p)[0][..., None],
+                                        config["image_size"]).numpy()[..., 0] for p in chosen]).astype(np.float64)
+    heads = np.stack([ndimage.binary_dilation(ndimage.binary_fill_holes(image > 0.1), iterations=5) for image in images])
+    found = {}
+    for name in ("vqvae.keras", "vqvae_last.keras"):
+        model = runs.load_model(run, name)
+        outputs = np.concatenate([model(images[i: i + 16, ..., None].astype(np.float32) + model.shift).numpy()
+                                  for i in range(0, len(images), 16)])[..., 0] - model.shift
+        pixels = ssim_map(images, np.clip(outputs, 0, 1).astype(np.float64))
+        border = np.ones(pixels.shape[1:], bool)
+        border[BORDER:-BORDER, BORDER:-BORDER] = False
+        found[name] = (float(pixels[heads].mean()), float(pixels[~heads].mean()), float(pixels.mean()),
+                       float(pixels[:, border].mean()))
+    return found
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", nargs="+", required=True, help="trained run folders")
@@ -41,6 +90,8 @@ def main():
     parser.add_argument("--after", type=int, default=3, help="count falls only after this epoch")
     parser.add_argument("--plot", help="draw the curves into this PNG")
     parser.add_argument("--title", default="validation SSIM per epoch", help="the figure's title")
+    parser.add_argument("--regions", action="store_true", help="split best and last models' validation SSIM into "
+                                                                "head and background (each run's own validation split)")
     parser.add_argument("--json", help="also write the table here")
     args = parser.parse_args()
     labels = args.labels or [os.path.basename(os.path.normpath(run)) for run in args.runs]
@@ -82,6 +133,16 @@ def main():
         files.atomic_write(args.plot, lambda path: figure.savefig(path, dpi=110, bbox_inches="tight", format="png"))
         plt.close(figure)
         print(f"wrote {args.plot}")
+    if args.regions:
+        import runs
+
+        print("\nvalidation SSIM by region:")
+        region_rows = []
+        for run, label in zip(args.runs, labels):
+            for name, (head, background, whole, border) in region_ssim(run, runs.load_config(run)["data"]).items():
+                region_rows.append([label, name, whole, head, background, border])
+        table.print_table([("run", 28, "{}"), ("model", 16, "{}"), ("whole", 6, "{:.4f}"), ("head", 6, "{:.4f}"),
+                           ("background", 10, "{:.4f}"), (f"{BORDER}-px border", 11, "{:.4f}")], region_rows)
     table.save(args.json, rows)
 
 

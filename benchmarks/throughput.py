@@ -1,11 +1,11 @@
 """How close does VQ-VAE training come to what this CPU can do?
 
-    python benchmarks/throughput.py [--size 256] [--batch-size 8] [--steps 30] [--json out.json]
+    python benchmarks/throughput.py [--size 256] [--batch-size 8] [--steps 30] [--set norm=group ...] [--json out.json]
 
 Prints, all measured in this one process (so on the same machine, at the same moment):
 
-1. training images/s of the default VQ-VAE (`driver.Config` defaults) at SIZE x SIZE:
-   `model.fit` over in-memory slices, timed over --steps steps after a warm-up epoch;
+1. training images/s of the default VQ-VAE (`driver.Config` defaults) at SIZE x SIZE: its
+   compiled training step on an in-memory batch, timed over --steps steps after a warm-up;
 2. FLOPs per image of one training step (forward, backward and the optimizer), counted by
    TensorFlow's profiler on the traced step's graph (not estimated), and of a forward pass;
 3. the machine's measured peak for the same kind of work: a large float32 `tf.matmul` and a
@@ -70,14 +70,19 @@ def conv_peak(batch=8, size=128, channels=64):
     return 2 * 9 * channels * channels * batch * size * size / best_seconds(lambda: conv().numpy())
 
 
-def training_images_per_second(model, images, batch_size, steps):
-    """Images/s of `model.fit` over `steps` batches of in-memory slices (after a warm-up
-    epoch that traces the step)."""
-    dataset = tf.data.Dataset.from_tensor_slices(images).repeat().batch(batch_size).prefetch(tf.data.AUTOTUNE)
-    model.fit(dataset, epochs=1, steps_per_epoch=3, verbose=0, shuffle=False)
+def training_images_per_second(model, batch, steps):
+    """Images/s of the model's training step (forward, backward, optimizer, metrics) on
+    one in-memory batch, compiled as `model.fit` compiles it, timed over `steps` steps
+    after a warm-up (the input pipeline is benchmarks/pipeline.py's subject)."""
+    model.optimizer.build(model.trainable_variables)
+    step = tf.function(model.train_step)
+    for _ in range(3):
+        step(batch)
     start = time.perf_counter()
-    model.fit(dataset, epochs=1, steps_per_epoch=steps, verbose=0, shuffle=False)
-    return steps * batch_size / (time.perf_counter() - start)
+    for _ in range(steps):
+        results = step(batch)
+    float(results["loss"])  # wait for the last step
+    return steps * len(batch) / (time.perf_counter() - start)
 
 
 def step_parts(model, batch):
@@ -114,20 +119,27 @@ def main():
     parser.add_argument("--size", type=int, default=256, help="slice side in pixels")
     parser.add_argument("--batch-size", type=int, default=driver.Config.batch_size, help="slices per step")
     parser.add_argument("--steps", type=int, default=30, help="timed training steps")
+    parser.add_argument("--set", nargs="*", default=[], metavar="NAME=VALUE",
+                        help="change driver.Config settings, e.g. norm=group ssim_weight=0.5")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
 
-    config = driver.Config()
+    import dataclasses
+    import json
+
+    changes = dict(item.split("=", 1) for item in args.set)
+    config = dataclasses.replace(driver.Config(), **{key: value if key == "norm" else json.loads(value)
+                                                    for key, value in changes.items()})
     model = train.build_vqvae(config)
     rng = np.random.default_rng(0)
     images = (rng.uniform(0, 1, (64, args.size, args.size, 1)) + config.shift).astype(np.float32)
     batch = tf.constant(images[: args.batch_size])
-    print(f"default VQ-VAE (K {config.K}, D {config.D}, filters {list(config.filters)}, {config.res_blocks} residual "
-          f"blocks) at {args.size}x{args.size}, batch {args.batch_size}; TensorFlow threads: intra "
+    print(f"VQ-VAE (K {config.K}, D {config.D}, filters {list(config.filters)}, {config.res_blocks} residual "
+          f"blocks, {changes or 'default settings'}) at {args.size}x{args.size}, batch {args.batch_size}; TensorFlow threads: intra "
           f"{tf.config.threading.get_intra_op_parallelism_threads() or 'default'}, inter "
           f"{tf.config.threading.get_inter_op_parallelism_threads() or 'default'}; {os.cpu_count()} CPUs", flush=True)
 
-    per_second = training_images_per_second(model, images, args.batch_size, args.steps)
+    per_second = training_images_per_second(model, batch, args.steps)
     spec = tf.TensorSpec((args.batch_size, args.size, args.size, 1), tf.float32)
     step_flops = counted_flops(tf.function(model.train_step), spec) / args.batch_size
     forward_flops = counted_flops(tf.function(lambda x: model(x, training=False)), spec) / args.batch_size
@@ -145,7 +157,7 @@ def main():
     print(f"\nwhere a step's time goes (each part timed on its own; a whole step takes {step * 1000:.0f} ms):")
     table.print_table([("part", 24, "{}"), ("ms", 8, "{:.1f}"), ("of a step", 10, "{:.0%}")],
                       [[name, seconds * 1000, seconds / step] for name, seconds in parts.items()])
-    table.save(args.json, {"size": args.size, "batch_size": args.batch_size, "images_per_second": per_second,
+    table.save(args.json, {"settings": changes, "size": args.size, "batch_size": args.batch_size, "images_per_second": per_second,
                            "train_step_flops_per_image": step_flops, "forward_flops_per_image": forward_flops,
                            "peak_flops": peaks, "achieved_flops": achieved,
                            "share_of_peak": {name: achieved / peak for name, peak in peaks.items()},

@@ -258,3 +258,12 @@ def test_group_norm_scores_a_slice_the_same_alone_or_in_a_batch():
         assert np.allclose(alone.numpy(), together.numpy(), atol=1e-5) == alike, norm
     with pytest.raises(ValueError, match="norm must be one of batch, group, none, got 'layer'"):
         vqvae.VQVAE(num_embeddings=4, latent_dim=2, filters=(4,), norm="layer")
+
+
+def test_ssim_loss_weighs_the_edge_pixels_that_tf_image_ssim_barely_sees():
+    images = tiny_images(2, size=64, seed=4)
+    spoiled = images.copy()
+    spoiled[:, :2] = 0.5  # the top two rows only: at the edge of tf.image.ssim's 'valid' windows
+    unpadded = 1.0 - float(vqvae.mean_ssim(images, spoiled, -0.5))
+    assert float(vqvae.ssim_loss(images, images, -0.5)) == pytest.approx(0.0, abs=1e-6)
+    assert float(vqvae.ssim_loss(images, spoiled, -0.5)) > 4 * unpadded
