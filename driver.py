@@ -104,7 +104,7 @@ def build_parser():
         prog="driver.py",
         description="Train a VQ-VAE on 2D MRI slices, then a PixelCNN prior over its code grids, and write models, "
                     "metrics, plots, samples and TensorBoard logs to a run folder. Other commands: 'driver.py "
-                    "reconstruct -h', 'driver.py sample -h', 'driver.py evaluate -h'.")
+                    "reconstruct -h', 'driver.py sample -h', 'driver.py evaluate -h', 'driver.py anomaly -h'.")
     for field in dataclasses.fields(Config):
         names = [flag(field.name), "--" + field.name] if "_" in field.name else [flag(field.name)]
         shown = " ".join(map(str, field.default)) if isinstance(field.default, (list, tuple)) else field.default

@@ -27,6 +27,17 @@ def write_nifti(path, array):
     nibabel.save(nibabel.Nifti1Image(np.asarray(array), np.eye(4)), path)
 
 
+def run_error(argv):
+    """Run driver.py with `argv`, which must fail with one line naming the problem; return it."""
+    import driver
+
+    with pytest.raises(SystemExit) as exit_info:
+        driver.main(argv)
+    message = str(exit_info.value.code)
+    assert message.startswith("driver.py: error: ") and "\n" not in message
+    return message
+
+
 def phantom(size, seed):
     return demo.synthetic_brain_slice(size, np.random.default_rng(seed))
 

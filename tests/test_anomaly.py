@@ -9,7 +9,7 @@ import nibabel
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import phantom, write_nifti, write_png
+from conftest import phantom, run_error, write_nifti, write_png
 
 import anomaly
 import data
@@ -114,14 +114,6 @@ def test_anomaly_command_errors(tmp_path):
     assert "no pixelcnn.keras" in run_error(["anomaly", "--run", run, "--data", str(tmp_path / "new")])
     assert "--quantile must be between 0 and 1" in run_error(["anomaly", "--run", run, "--data", str(tmp_path),
                                                                 "--quantile", "1.5"])
-
-
-def run_error(argv):
-    with pytest.raises(SystemExit) as exit_info:
-        driver.main(argv)
-    message = str(exit_info.value.code)
-    assert message.startswith("driver.py: error: ") and "\n" not in message
-    return message
 
 
 def test_thresholds_are_quantiles_of_each_level():

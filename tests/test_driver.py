@@ -12,6 +12,7 @@ import nibabel
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import run_error
 
 import driver
 
@@ -38,12 +39,6 @@ def summaries(folder):
     return tags
 
 
-def run_error(argv):
-    with pytest.raises(SystemExit) as exit_info:
-        driver.main(argv)
-    message = str(exit_info.value.code)
-    assert message.startswith("driver.py: error: ") and "\n" not in message
-    return message
 
 
 def test_help_lists_every_flag_with_its_default():
