@@ -402,7 +402,7 @@ def code_dataset(grids, batch_size, shuffle=False, seed=0, condition=None, hidde
     dataset = tf.data.Dataset.from_tensor_slices((grids if condition is None else (grids, condition), grids))
     if shuffle:
         dataset = dataset.shuffle(len(grids), seed=seed)
-    if hidden_share:
+    if hidden_share and condition is not None:
         def hide(inputs, target, draw):
             hidden = tf.cast(draw % 1000, tf.float32) < 1000 * hidden_share
             return (inputs[0], tf.where(hidden, tf.zeros_like(inputs[1]), inputs[1])), target
@@ -494,7 +494,8 @@ def fit_hierarchy(prior, config, model, codes, grids, run_dir, positions):
               f"{known:.0%} of the training slices", flush=True)
         by_position = {split: prior.position_classes(positions[split])[:, None, None] for split in data.SPLITS}
     prior.top.set_weights(fit_prior(prior.top, config, top, run_dir, "prior_top", config.pcnn_top_epochs,
-                                    "prior_top", by_position, hierarchy.HIDDEN_POSITION_SHARE).get_weights())
+                                    "prior_top", by_position,
+                                    hierarchy.HIDDEN_POSITION_SHARE if by_position else 0.0).get_weights())
     prior.bottom.set_weights(fit_prior(prior.bottom, config, grids, run_dir, "prior_bottom", config.pcnn_epochs,
                                        "prior_bottom", condition=top).get_weights())
     files.atomic_write(os.path.join(run_dir, "pixelcnn.keras"), prior.save)

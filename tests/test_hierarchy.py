@@ -126,6 +126,8 @@ def test_training_hides_the_position_of_a_share_of_grids_anew_each_epoch():
     assert hidden[0] != hidden[1]
     unchanged = train.code_dataset(grids, 100, condition=condition)
     assert all((inputs[1].numpy() == 3).all() for inputs, _ in unchanged)
+    plain = train.code_dataset(grids, 100, shuffle=True, hidden_share=0.1)  # nothing to hide
+    assert all(inputs.shape == (100, 2, 2) for inputs, _ in plain)
 
 
 def test_prior_grids_follow_the_cache_order_and_add_mirrored_slices(tmp_path):
