@@ -79,10 +79,7 @@ class Healer:
     def __init__(self, prior, batch_size, height, width):
         self.prior = prior
         self.hierarchical = isinstance(prior, hierarchy.HierarchicalPrior)
-        if self.hierarchical:
-            self.sampler = hierarchy.HierarchicalSampler(prior, batch_size, height, width)
-        else:
-            self.sampler = hierarchy.sampler_for(prior, batch_size, height, width)
+        self.sampler = hierarchy.sampler_for(prior, batch_size, height, width)
 
     def heal(self, codes, limits, seed=0):
         """(healed codes, marked codes): the (B, h, w) codes with the codes `mark` picks by
@@ -247,15 +244,11 @@ def run_thresholds(run_dir, prior, quantile=QUANTILE):
 def map_folder(run_dir, folder, split="test", out=None, draws=DRAWS, quantile=QUANTILE, batch_size=4, seed=0):
     """`driver.py anomaly`: the maps of every file in `folder` (its `split` folder, if it
     has split folders) from a run's models, in `out` (default RUN/anomaly-<folder name>)."""
-    import data
     import runs
 
     config = runs.load_config(run_dir)
     model, prior = (runs.load_model(run_dir, name) for name in ("vqvae.keras", "pixelcnn.keras"))
-    folder = data.split_folder(runs.require_folder(folder), split)
-    paths = data.list_images(folder)
-    if not paths:
-        raise data.DataError(f"--data {folder}: no PNG or NIfTI files")
+    folder, paths = runs.input_files(folder, split)
     out = out or os.path.join(run_dir, f"anomaly-{os.path.basename(os.path.normpath(folder))}")
     limits = run_thresholds(run_dir, prior, quantile)
     print(f"anomaly maps of {len(paths)} files from {folder}: {draws} healed versions each", flush=True)

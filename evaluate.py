@@ -243,15 +243,11 @@ def reconstruct_folder(run_dir, folder=None, split="test", out=None, grids=4, ba
     """`driver.py reconstruct`: reconstruct the files of `folder` (its `split` folder, if it
     has split folders; default: the run's data) with a run's VQ-VAE, into `out` (default
     RUN/reconstruct-<folder name>). Returns the summary, with the folder."""
-    import data
     import runs
 
     config = runs.load_config(run_dir)
     model = runs.load_model(run_dir, "vqvae.keras")
-    folder = data.split_folder(runs.require_folder(folder or config["data"]), split)
-    paths = data.list_images(folder)
-    if not paths:
-        raise data.DataError(f"--data {folder}: no PNG or NIfTI files")
+    folder, paths = runs.input_files(folder or config["data"], split)
     out = out or os.path.join(run_dir, f"reconstruct-{os.path.basename(os.path.normpath(folder))}")
     summary = reconstruct_files(model, paths, config, out, grids, batch_size)
     print(f"{summary['slices']} slices from {folder}: mean SSIM {summary['ssim_mean']:.4f} "

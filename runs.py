@@ -48,3 +48,15 @@ def load_model(run_dir, name, required=True):
         hint = " (was the run trained with --pcnn-epochs 0?)" if name == "pixelcnn.keras" else ""
         raise DataError(f"--run {run_dir}: no {name}{hint}")
     return None
+
+
+def input_files(folder, split="test"):
+    """(folder, its PNG and NIfTI files) for a command's --data: `folder` itself, or its
+    `split` folder if it has the OASIS or HipMRI split folders; none is an error."""
+    import data
+
+    folder = data.split_folder(require_folder(folder), split)
+    paths = data.list_images(folder)
+    if not paths:
+        raise data.DataError(f"--data {folder}: no PNG or NIfTI files")
+    return folder, paths
