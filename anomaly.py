@@ -42,12 +42,14 @@ SUFFIXES = (".nii.gz", ".nii", ".png", ".jpg", ".jpeg", ".bmp")  # taken off fil
 
 
 def level_nll(prior, codes):
-    """{level: per-code NLL in nats} of (B, h, w) codes: "bottom" (the codes, given the top
-    grid for a hierarchical prior) and, for a hierarchical prior, "top" (its top grid), with
-    the top codes under "top_codes"."""
+    """{level: per-code NLL in nats} of (B, h, w) codes: "bottom" (the codes, given the grid
+    above for a hierarchical prior) and, for a hierarchical prior, each coarser level's
+    ("top", "middle") given the one above, with its grid under "<level>_codes"."""
     if isinstance(prior, hierarchy.HierarchicalPrior):
-        top, top_nll, bottom_nll = prior.level_nll(codes)
-        return {"top_codes": top.numpy(), "top": top_nll.numpy(), "bottom": bottom_nll.numpy()}
+        grids, nlls = prior.level_nll(codes)
+        found = {name: nll.numpy() for name, nll in zip(prior.names, nlls)}
+        found.update({f"{name}_codes": grid.numpy() for name, grid in zip(prior.names[:-1], grids)})
+        return found
     return {"bottom": prior.code_nll(codes).numpy()}
 
 
@@ -57,7 +59,7 @@ def thresholds(prior, grids, quantile=QUANTILE, batch_size=32):
     values = {}
     for start in range(0, len(grids), batch_size):
         for level, nll in level_nll(prior, tf.constant(grids[start: start + batch_size])).items():
-            if level != "top_codes":
+            if not level.endswith("_codes"):
                 values.setdefault(level, []).append(nll.ravel())
     return {level: float(np.quantile(np.concatenate(parts), quantile)) for level, parts in values.items()}
 
@@ -84,24 +86,26 @@ class Healer:
     def heal(self, codes, limits, seed=0):
         """(healed codes, marked codes): the (B, h, w) codes with the codes `mark` picks by
         their NLL and their level's limit in `limits` redrawn (and, for a hierarchical
-        prior, every code of a block whose top code was redrawn and came out different),
-        and the bool mask of the codes that were allowed to change."""
+        prior, level by level from the top: also every code of a block whose code in the
+        level above was redrawn and came out different), and the bool mask of the codes
+        that were allowed to change."""
         nll = level_nll(self.prior, tf.constant(codes))
         if not self.hierarchical:
             marked = mark(nll["bottom"], limits["bottom"])
             return self.sampler.sample(1.0, seed, fixed=codes, keep=~marked).numpy(), marked
-        top = nll["top_codes"]
-        condition = None
-        if self.prior.position_bins:
-            condition = np.zeros((len(codes), 1, 1), np.int32)  # position unknown
-        healed_top = self.sampler.top.sample(1.0, seed, condition=condition, fixed=top,
-                                             keep=~mark(nll["top"], limits["top"])).numpy()
-        height, width = codes.shape[1:]
-        moved = self.prior.upsample(tf.constant(healed_top != top), height, width).numpy()
-        marked = mark(nll["bottom"], limits["bottom"]) | moved
-        healed = self.sampler.bottom.sample(1.0, seed + hierarchy.BOTTOM_SEED_OFFSET, condition=healed_top,
-                                            fixed=codes, keep=~marked)
-        return healed.numpy(), marked
+        condition = np.zeros((len(codes), 1, 1), np.int32) if self.prior.position_bins else None  # position unknown
+        names, factors = self.prior.names, self.prior.factors
+        before = healed = None
+        for index, (name, sampler) in enumerate(zip(names, self.sampler.samplers)):
+            grid = codes if name == "bottom" else nll[f"{name}_codes"]
+            marked = mark(nll[name], limits[name])
+            if index:
+                ratio = factors[index - 1] // factors[index]
+                marked |= self.prior.upsample(tf.constant(healed != before), *grid.shape[1:], ratio).numpy()
+            before, healed = grid, sampler.sample(1.0, seed + hierarchy.seed_offset(index, len(names)),
+                                                  condition=condition, fixed=grid, keep=~marked).numpy()
+            condition = healed
+        return healed, marked
 
 
 def anomaly_maps(model, healer, images, limits, draws=DRAWS, seed=0):

@@ -153,18 +153,36 @@ class PixelCNN(keras.Model):
     the code grid, is added through its own 1x1 layers into both stacks of every gated layer.
     The condition is given whole (it is not predicted), so it may look anywhere. With
     `condition_factor` 0 the condition is global, one class per grid (B, 1, 1), like the
-    paper's class label: added alike at every position."""
+    paper's class label: added alike at every position.
+
+    With `condition_blocks` > 0 the condition grid is first read by a small CNN, as the
+    bottom prior of VQ-VAE-2 reads its top codes: that many residual 3x3 convolutions at
+    the condition's own resolution (so a code sees the condition grid around its block, not
+    only its own cell) and a learnt stride-`condition_factor` transposed convolution up to
+    the code grid (so a code knows where in its block it sits). Without them, each cell's
+    embedding is repeated over its block.
+
+    With `position_grid` (h, w) (gated only) the prior also learns an embedding of every
+    position of an (h, w) grid, added like a condition into every gated layer, so that a
+    code knows where in the grid it is (where the midline is, how far the edges are), which
+    a convolution alone can only guess from the zero padding. Grids up to (h, w) take it.
+
+    `dropout` drops that share of each gated layer's output in training (PixelCNN++'s
+    regulariser, for small data); sampling and scoring never drop anything."""
 
     def __init__(self, num_embeddings, variant="gated", filters=128, num_layers=8, num_res_blocks=2,
                  kernel_size=3, first_kernel_size=7, head_units=None, condition_classes=0, condition_factor=1,
-                 condition_units=32, **kwargs):
+                 condition_units=32, condition_blocks=0, dropout=0.0, position_grid=None, **kwargs):
         super().__init__(**kwargs)
         if variant not in ("plain", "gated"):
             raise ValueError(f"variant must be 'plain' or 'gated', got {variant!r}")
-        if int(condition_classes) and variant != "gated":
-            raise ValueError("only the gated PixelCNN takes a condition")
+        if (int(condition_classes) or position_grid) and variant != "gated":
+            raise ValueError("only the gated PixelCNN takes a condition or a position grid")
         if int(num_embeddings) < 2:
             raise ValueError(f"num_embeddings must be >= 2, got {num_embeddings}")
+        if int(condition_blocks) < 0 or (int(condition_blocks) and not int(condition_factor)):
+            raise ValueError(f"condition_blocks must be >= 0, and 0 for a global condition (condition_factor 0), "
+                             f"got {condition_blocks}")
         if int(num_layers) < (1 if variant == "gated" else 0) or int(num_res_blocks) < 0:
             raise ValueError(f"num_layers ({num_layers}) and num_res_blocks ({num_res_blocks}) are too small")
         self.num_embeddings = int(num_embeddings)
@@ -178,12 +196,18 @@ class PixelCNN(keras.Model):
         self.head_units = int(head_units or filters)
         self.condition_classes, self.condition_factor = int(condition_classes), int(condition_factor)
         self.condition_units = int(condition_units)
+        self.condition_blocks = int(condition_blocks)
+        if not 0 <= float(dropout) < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.dropout_rate = float(dropout)
+        self.position_grid = None if position_grid is None else [int(size) for size in position_grid]
 
         self.embedding = layers.Embedding(self.num_embeddings, self.filters, name="embedding")
         if variant == "plain":
             self._build_plain()
         else:
             self._build_gated()
+        self.dropout = layers.Dropout(self.dropout_rate, name="dropout")
         self.head = layers.Dense(self.head_units, activation="relu", name="head")
         self.logits = layers.Dense(self.num_embeddings, name="logits")
         # Create every weight now, so the model saves and loads as is.
@@ -212,12 +236,28 @@ class PixelCNN(keras.Model):
              layers.Dense(f, name=f"gated{i}_out"))
             for i in range(self.num_layers)
         ]
+        if self.position_grid:
+            self.position_embedding = self.add_weight(shape=(*self.position_grid, self.condition_units),
+                                                      name="position_embedding", initializer="zeros")
         if self.condition_classes:
             self.condition_embedding = layers.Embedding(self.condition_classes, self.condition_units,
                                                         name="condition_embedding")
+            u = self.condition_units
+            self.condition_convs = [layers.Conv2D(u, 3, padding="same", name=f"condition_conv{i}")
+                                    for i in range(self.condition_blocks)]
+            self.condition_upsample = None
+            if self.condition_blocks and self.condition_factor > 1:
+                self.condition_upsample = layers.Conv2DTranspose(u, self.condition_factor, self.condition_factor,
+                                                                 name="condition_upsample")
+        if self.has_terms:
             self.condition_layers = [(layers.Dense(2 * f, use_bias=False, name=f"gated{i}_condition_vertical"),
                                       layers.Dense(2 * f, use_bias=False, name=f"gated{i}_condition_horizontal"))
                                      for i in range(self.num_layers)]
+
+    @property
+    def has_terms(self):
+        """Whether gated layers get terms added from outside the codes (a condition, positions)."""
+        return bool(self.condition_classes or self.position_grid)
 
     @property
     def masked_convs(self):
@@ -225,16 +265,31 @@ class PixelCNN(keras.Model):
             return [self.first] + [block[1] for block in self.res_blocks] + self.pixel_layers
         return [layer for block in self.gated_layers for layer in block[:2]]
 
-    def condition_terms(self, condition, height, width):
-        """What a (B, ceil(h / f), ceil(w / f)) condition grid adds to each gated layer of an
-        (h, w) code grid: a list of (vertical, horizontal) (B, h, w, 2 * filters) terms."""
+    def condition_terms(self, condition, height, width, batch):
+        """What a (B, ceil(h / f), ceil(w / f)) condition grid (None without one) and the
+        position embedding add to each gated layer of `batch` (h, w) code grids: a list of
+        (vertical, horizontal) (B, h, w, 2 * filters) terms."""
+        c = tf.zeros((batch, height, width, self.condition_units))
+        if self.condition_classes:
+            c = c + self.grid_condition(condition, height, width)
+        if self.position_grid:
+            c = c + self.position_embedding[None, :height, :width]
+        return [(to_vertical(c), to_horizontal(c)) for to_vertical, to_horizontal in self.condition_layers]
+
+    def grid_condition(self, condition, height, width):
+        """The (B, h, w, condition_units) features of a condition grid at each code."""
         c = self.condition_embedding(condition)
         if self.condition_factor:
-            c = tf.repeat(tf.repeat(c, self.condition_factor, axis=1), self.condition_factor, axis=2)
+            for conv in self.condition_convs:  # the condition is given whole: these need no mask
+                c = c + conv(tf.nn.relu(c))
+            if self.condition_upsample is not None:
+                c = self.condition_upsample(tf.nn.relu(c))
+            else:
+                c = tf.repeat(tf.repeat(c, self.condition_factor, axis=1), self.condition_factor, axis=2)
             c = c[:, :height, :width]  # the last block row and column may overhang the grid
         else:  # a global condition: the same at every position
             c = c[:, :1, :1] * tf.ones((1, height, width, 1))
-        return [(to_vertical(c), to_horizontal(c)) for to_vertical, to_horizontal in self.condition_layers]
+        return c
 
     def vertical(self, x, conv, condition=None):
         """The vertical stack's pre-gate activations, one per gated layer (none for plain).
@@ -252,7 +307,7 @@ class PixelCNN(keras.Model):
             v = gate(v_pre)
         return pre_activations
 
-    def horizontal(self, x, v_pre_activations, conv, condition=None):
+    def horizontal(self, x, v_pre_activations, conv, condition=None, training=False):
         """Logits from the embedded codes `x` and the vertical stack's activations
         (`condition` as in `vertical`, stack 1)."""
         if self.variant == "plain":
@@ -267,6 +322,8 @@ class PixelCNN(keras.Model):
                     zip(self.gated_layers, v_pre_activations)):
                 h_pre = conv(horizontal_conv, h) + v_to_h(v_pre)
                 h_new = out(gate(h_pre + condition(index, 1) if condition else h_pre))
+                if self.dropout_rate:
+                    h_new = self.dropout(h_new, training=training)
                 # No residual on the first layer: its input holds the very code being predicted.
                 h = h_new if index == 0 else h + h_new
             # tf.maximum, not tf.nn.relu: grappler's oneDNN remapper fuses Dense + add + relu
@@ -274,14 +331,15 @@ class PixelCNN(keras.Model):
             h = tf.maximum(h, 0.0)
         return self.logits(self.head(h))
 
-    def call(self, inputs):
+    def call(self, inputs, training=False):
         """(B, h, w) codes, or (codes, condition) for a conditional prior -> (B, h, w, K) logits."""
         codes, condition = inputs if self.condition_classes else (inputs, None)
         x = self.embedding(codes)
         whole_grid = lambda layer, tensor: layer(tensor)  # noqa: E731
-        terms = self.condition_terms(condition, tf.shape(codes)[1], tf.shape(codes)[2]) if self.condition_classes else None
+        shape = tf.shape(codes)
+        terms = self.condition_terms(condition, shape[1], shape[2], shape[0]) if self.has_terms else None
         add = (lambda index, stack: terms[index][stack]) if terms else None  # noqa: E731
-        return self.horizontal(x, self.vertical(x, whole_grid, add), whole_grid, add)
+        return self.horizontal(x, self.vertical(x, whole_grid, add), whole_grid, add, training)
 
     def code_nll(self, inputs):
         """(B, h, w) negative log-likelihood, in nats, of each code given the codes before it."""
@@ -294,7 +352,9 @@ class PixelCNN(keras.Model):
             "num_layers": self.num_layers, "num_res_blocks": self.num_res_blocks,
             "kernel_size": self.kernel_size, "first_kernel_size": self.first_kernel_size,
             "head_units": self.head_units, "condition_classes": self.condition_classes,
-            "condition_factor": self.condition_factor, "condition_units": self.condition_units, "name": self.name,
+            "condition_factor": self.condition_factor, "condition_units": self.condition_units,
+            "condition_blocks": self.condition_blocks, "dropout": self.dropout_rate,
+            "position_grid": self.position_grid, "name": self.name,
         }
 
 
@@ -349,7 +409,7 @@ class Sampler(tf.Module):
         # A conditional prior's condition terms, laid out (row, column, batch, channel) like the caches.
         self.condition = [[tf.Variable(tf.zeros((self.height, self.width, self.batch_size, 2 * model.filters)),
                                        trainable=False) for _ in range(2)]
-                          for _ in range(model.num_layers if model.condition_classes else 0)]
+                          for _ in range(model.num_layers if model.has_terms else 0)]
         self.codes = tf.Variable(tf.zeros((self.height, self.width, self.batch_size), tf.int32), trainable=False)
         # Codes kept as given (keep = 1) instead of drawn, laid out like `codes`.
         self.fixed = tf.Variable(tf.zeros((self.height, self.width, self.batch_size), tf.int32), trainable=False)
@@ -368,9 +428,10 @@ class Sampler(tf.Module):
         self.keep.assign(np.zeros(self.keep.shape, np.int32) if keep is None
                          else np.transpose(np.asarray(keep).astype(np.int32), (1, 2, 0)))
         if self.condition:
-            if condition is None:
+            if self.model.condition_classes and condition is None:
                 raise ValueError("this prior is conditional: give sample() its condition grid")
-            terms_per_layer = self.model.condition_terms(tf.constant(condition), self.height, self.width)
+            terms_per_layer = self.model.condition_terms(None if condition is None else tf.constant(condition),
+                                                         self.height, self.width, self.batch_size)
             for variables, terms in zip(self.condition, terms_per_layer):
                 for variable, term in zip(variables, terms):
                     variable.assign(tf.transpose(term, (1, 2, 0, 3)))

@@ -59,9 +59,12 @@ def build_prior(config):
     if config.pcnn_variant == "hierarchical":
         top = dict(filters=config.pcnn_top_filters, num_layers=config.pcnn_top_layers,
                    head_units=4 * config.pcnn_top_filters)
+        below = dict(settings, condition_blocks=config.pcnn_condition_blocks)
         prior = hierarchy.HierarchicalPrior(config.K, config.D, config.pcnn_top_codes, config.pcnn_top_factor,
-                                            top=top, bottom=settings, position_bins=config.pcnn_position_bins)
-        networks = [prior.top, prior.bottom]
+                                            top=top, bottom=below, position_bins=config.pcnn_position_bins,
+                                            middle_embeddings=config.pcnn_middle_codes,
+                                            middle_factor=config.pcnn_middle_factor, middle=below)
+        networks = prior.networks
     else:
         prior = pixelcnn.PixelCNN(config.K, config.pcnn_variant, num_res_blocks=config.pcnn_res_blocks, **settings)
         networks = [prior]
@@ -471,21 +474,25 @@ def fit_prior(network, config, grids, run_dir, name, epochs, log_name, condition
 
 
 def fit_hierarchy(prior, config, model, codes, grids, run_dir, positions):
-    """Fit a HierarchicalPrior to {split: grids}: its top codebook (k-means, kept in
-    codes.npz so a resumed run uses the same one), the top PixelCNN (given the slices'
-    {split: positions}, if it has position bins), then the bottom one given the top grids;
-    saved whole as RUN/pixelcnn.keras."""
-    if "top_codebook" in codes:
+    """Fit a HierarchicalPrior to {split: grids}: each coarser level's codebook (k-means,
+    kept in codes.npz so a resumed run uses the same ones), the top PixelCNN (given the
+    slices' {split: positions}, if it has position bins), then each finer one given the grids
+    of the level above; saved whole as RUN/pixelcnn.keras."""
+    names = [name for name, *_ in prior.levels]
+    if all(f"{name}_codebook" in codes for name in names):
         prior.codebook.assign(model.quantizer.codebook)
-        prior.top_codebook.assign(codes["top_codebook"])
+        for name, _, centres, _ in prior.levels:
+            centres.assign(codes[f"{name}_codebook"])
     else:
-        print(f"top grid: k-means of {config.pcnn_top_factor}x{config.pcnn_top_factor} blocks into "
-              f"{config.pcnn_top_codes} codes", flush=True)
-        prior.fit_top_codebook(model.quantizer.codebook.numpy(), grids["train"])
-        codes["top_codebook"] = prior.top_codebook.numpy()
+        print("coarser grids: k-means of " + ", ".join(
+            f"{factor}x{factor} blocks into {centres.shape[0]} {name} codes" for name, _, centres, factor in prior.levels),
+            flush=True)
+        prior.fit_codebooks(model.quantizer.codebook.numpy(), grids["train"])
+        codes.update({f"{name}_codebook": centres.numpy() for name, _, centres, _ in prior.levels})
         files.atomic_write(os.path.join(run_dir, "codes.npz"), lambda path: np.savez_compressed(path, **codes))
-    top = {split: np.concatenate([prior.top_codes(grids[split][i: i + 256]).numpy()
-                                  for i in range(0, len(grids[split]), 256)]) for split in data.SPLITS}
+    levels = {split: [np.concatenate(parts) for parts in zip(*(
+        [grid.numpy() for grid in prior.level_codes(grids[split][i: i + 256])] for i in range(0, len(grids[split]), 256)))]
+        for split in data.SPLITS}
     by_position = None
     if prior.position_bins:
         prior.count_positions(positions["train"])
@@ -493,10 +500,13 @@ def fit_hierarchy(prior, config, model, codes, grids, run_dir, positions):
         print(f"top grid conditioned on the slice position ({prior.position_bins} bins): known for "
               f"{known:.0%} of the training slices", flush=True)
         by_position = {split: prior.position_classes(positions[split])[:, None, None] for split in data.SPLITS}
-    prior.top.set_weights(fit_prior(prior.top, config, top, run_dir, "prior_top", config.pcnn_top_epochs,
-                                    "prior_top", by_position,
-                                    hierarchy.HIDDEN_POSITION_SHARE if by_position else 0.0).get_weights())
-    prior.bottom.set_weights(fit_prior(prior.bottom, config, grids, run_dir, "prior_bottom", config.pcnn_epochs,
-                                       "prior_bottom", condition=top).get_weights())
+    epochs = {"top": config.pcnn_top_epochs, "middle": config.pcnn_middle_epochs, "bottom": config.pcnn_epochs}
+    condition = by_position
+    for index, (name, network) in enumerate(zip(prior.names, prior.networks)):
+        level_grids = grids if name == "bottom" else {split: levels[split][index] for split in data.SPLITS}
+        hidden = hierarchy.HIDDEN_POSITION_SHARE if index == 0 and by_position else 0.0
+        network.set_weights(fit_prior(network, config, level_grids, run_dir, f"prior_{name}", epochs[name],
+                                      f"prior_{name}", condition, hidden).get_weights())
+        condition = level_grids
     files.atomic_write(os.path.join(run_dir, "pixelcnn.keras"), prior.save)
     return prior

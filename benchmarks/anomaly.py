@@ -118,9 +118,10 @@ def code_likelihoods(model, prior, images, clean, masks):
         parts = [anomaly.level_nll(prior, tf.constant(codes[i: i + 16])) for i in range(0, len(codes), 16)]
         levels[name] = {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
         levels[name]["codes"] = codes
-    for level, codes_key in (("bottom", "codes"), ("top", "top_codes")):
+    for level in ("bottom", "middle", "top"):
         if level not in levels["lesions"]:
             continue
+        codes_key = "codes" if level == "bottom" else f"{level}_codes"
         changed = levels["lesions"][codes_key] != levels["clean"][codes_key]
         nll = levels["lesions"][level]
         scale = images.shape[1] // nll.shape[1]

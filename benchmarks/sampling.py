@@ -76,7 +76,7 @@ def main():
         start = time.time()
         codes = sampler.sample(seed=1)
         fast = time.time() - start
-        condition = sampler.top_grid if hierarchical else None
+        condition = sampler.grids[-2] if hierarchical else None  # the bottom PixelCNN's: the grid above
         seed = 1 + hierarchy.BOTTOM_SEED_OFFSET if hierarchical else 1
         inputs = codes if condition is None else (codes, condition)
         exact = float(np.abs(sampler.used_logits().numpy() - model(inputs).numpy()).max())

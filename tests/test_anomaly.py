@@ -65,7 +65,7 @@ def tiny_run(folder, position_bins=0):
     prior = hierarchy.HierarchicalPrior(8, 4, top_embeddings=4, factor=2, top=settings, bottom=settings,
                                         position_bins=position_bins)
     grids = np.random.default_rng(0).integers(0, 8, (12, 8, 8)).astype(np.int32)
-    prior.fit_top_codebook(model.quantizer.codebook.numpy(), grids)
+    prior.fit_codebooks(model.quantizer.codebook.numpy(), grids)
     os.makedirs(folder)
     model.save(os.path.join(folder, "vqvae.keras"))
     prior.save(os.path.join(folder, "pixelcnn.keras"))
@@ -121,7 +121,7 @@ def test_thresholds_are_quantiles_of_each_level():
                                         bottom=dict(filters=4, num_layers=1))
     grids = np.random.default_rng(1).integers(0, 6, (10, 4, 4)).astype(np.int32)
     limits = anomaly.thresholds(prior, grids, quantile=0.5)
-    _, top_nll, bottom_nll = prior.level_nll(tf.constant(grids))
+    _, (top_nll, bottom_nll) = prior.level_nll(tf.constant(grids))
     assert limits["top"] == pytest.approx(np.median(top_nll.numpy()), rel=1e-5)
     assert limits["bottom"] == pytest.approx(np.median(bottom_nll.numpy()), rel=1e-5)
 

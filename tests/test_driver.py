@@ -68,6 +68,9 @@ def test_help_lists_every_flag_with_its_default():
     (["--pcnn-epochs", "-1"], "--pcnn-epochs must be >= 0, got -1"),
     (["--pcnn-head-units", "-2"], "--pcnn-head-units must be >= 0 (0 = --pcnn-filters), got -2"),
     (["--temperature", "0"], "--temperature must be > 0, got 0.0"),
+    (["--pcnn-middle-codes", "1"], "--pcnn-middle-codes must be 0 (no middle grid) or >= 2, got 1"),
+    (["--pcnn-middle-factor", "3"], "--pcnn-middle-factor 3 must be smaller than --pcnn-top-factor 4 and divide it"),
+    (["--pcnn-condition-blocks", "-1"], "--pcnn-condition-blocks must be >= 0, got -1"),
     (["sample", "--run", "/nowhere", "--n", "0"], "--n must be >= 1, got 0"),
 ])
 def test_bad_flags_exit_with_one_line(argv, message):
@@ -219,13 +222,16 @@ def test_hierarchical_prior_run_samples_and_reloads(oasis_root, tmp_path, positi
 
     run = str(tmp_path / "run")
     _, metrics = driver.main(["--data", oasis_root, "--out", run, "--epochs", "1", "--grid-every", "0", *TINY,
-                              "--pcnn-variant", "hierarchical", "--pcnn-top-codes", "4", "--pcnn-top-factor", "2",
+                              "--pcnn-variant", "hierarchical", "--pcnn-top-codes", "4", "--pcnn-top-factor", "4",
                               "--pcnn-top-filters", "8", "--pcnn-top-layers", "2", "--pcnn-top-epochs", "2",
+                              "--pcnn-middle-codes", "6", "--pcnn-middle-epochs", "2",
                               "--pcnn-position-bins", str(position_bins)])
     assert metrics["prior_variant"] == "hierarchical" and 0 < metrics["prior_test_bits_per_code"]
     prior = keras.models.load_model(os.path.join(run, "pixelcnn.keras"))
     assert isinstance(prior, hierarchy.HierarchicalPrior) and prior.top_codebook.numpy().any()
-    for name in ("prior_top_history.csv", "prior_bottom_history.csv", "samples/sample_002.png"):
+    assert prior.names == ["top", "middle", "bottom"] and prior.middle_codebook.numpy().any()
+    for name in ("prior_top_history.csv", "prior_middle_history.csv", "prior_bottom_history.csv",
+                 "samples/sample_002.png"):
         assert os.path.exists(os.path.join(run, name)), name
     assert summaries(os.path.join(run, "logs", "prior_top", "train")).get("epoch_bits_per_code") == "scalars"
     images = driver.main(["sample", "--run", run, "--n", "3", "--out", str(tmp_path / "more")])

@@ -8,16 +8,19 @@ import tensorflow as tf
 import hierarchy
 
 
-def random_prior(num_embeddings=6, latent_dim=3, top_embeddings=4, factor=2, scale=0.4, position_bins=0):
+def random_prior(num_embeddings=6, latent_dim=3, top_embeddings=4, factor=2, scale=0.4, position_bins=0,
+                 middle_embeddings=0):
     keras.utils.set_random_seed(0)
     settings = dict(filters=8, num_layers=3, kernel_size=3, first_kernel_size=5)
+    below = dict(settings, condition_blocks=2)
     prior = hierarchy.HierarchicalPrior(num_embeddings, latent_dim, top_embeddings, factor, top=settings,
-                                        bottom=settings, position_bins=position_bins)
+                                        bottom=below, position_bins=position_bins,
+                                        middle_embeddings=middle_embeddings, middle=below)
     rng = np.random.default_rng(1)
     for weight in prior.trainable_weights:
         weight.assign(rng.normal(0, scale, weight.shape).astype(np.float32))
     codebook = rng.normal(0, 1, (num_embeddings, latent_dim)).astype(np.float32)
-    prior.fit_top_codebook(codebook, rng.integers(0, num_embeddings, (20, 8, 8)))
+    prior.fit_codebooks(codebook, rng.integers(0, num_embeddings, (20, 8, 8)))
     return prior
 
 
@@ -28,7 +31,7 @@ def test_top_codes_summarise_blocks_of_the_code_grid():
     # Blocks of codes 0/1 (near the origin) and of codes 2/3 (far away): two kinds of block.
     low, high = np.array([[0, 1], [1, 0]]), np.array([[2, 3], [3, 2]])
     grids = np.stack([np.block([[low, high], [high, low]]), np.block([[high, high], [low, low]])])
-    prior.fit_top_codebook(codebook, grids)
+    prior.fit_codebooks(codebook, grids)
     top = prior.top_codes(grids).numpy()
     assert top.shape == (2, 2, 2)
     assert top[0, 0, 0] == top[0, 1, 1] == top[1, 1, 0] != top[0, 0, 1] == top[1, 0, 0]
@@ -164,3 +167,28 @@ def test_prior_grids_follow_the_cache_order_and_add_mirrored_slices(tmp_path):
     grids, where = train.training_grids(codes, positions, mirror=True)
     assert len(grids["train"]) == 12 and len(grids["validate"]) == 6
     np.testing.assert_allclose(where["train"], np.tile(np.arange(6) / 5, 2), atol=1e-6)
+
+
+def test_three_levels_sample_exactly_and_add_up(tmp_path):
+    """A middle grid between the top grid and the codes: each level is drawn given the one
+    above, exactly, and the likelihood is the sum of the three levels'."""
+    prior = random_prior(top_embeddings=3, factor=4, middle_embeddings=5)
+    assert prior.names == ["top", "middle", "bottom"] and prior.factors == [4, 2, 1]
+    sampler = hierarchy.sampler_for(prior, 2, 8, 7)
+    codes = sampler.sample(1.0, seed=4)
+    top, middle = sampler.grids[:2]
+    assert codes.shape == (2, 8, 7) and top.shape == (2, 2, 2) and middle.shape == (2, 4, 4)
+    np.testing.assert_allclose(sampler.samplers[1].used_logits().numpy(), prior.middle((middle, top)).numpy(),
+                               atol=1e-4)
+    np.testing.assert_allclose(sampler.used_logits().numpy(), prior.bottom((codes, middle)).numpy(), atol=1e-4)
+    grids, nlls = prior.level_nll(codes)
+    assert [grid.shape for grid in grids] == [(2, 2, 2), (2, 4, 4), (2, 8, 7)]
+    total = tf.reduce_sum(prior.code_nll(codes), axis=(1, 2)).numpy()
+    np.testing.assert_allclose(total, sum(tf.reduce_sum(nll, axis=(1, 2)).numpy() for nll in nlls), rtol=1e-5)
+    path = str(tmp_path / "prior.keras")
+    prior.save(path)
+    loaded = keras.models.load_model(path)
+    assert loaded.get_config() == prior.get_config() and loaded.middle_codebook.numpy().any()
+    np.testing.assert_allclose(loaded.code_nll(codes).numpy(), prior.code_nll(codes).numpy(), atol=1e-5)
+    with pytest.raises(ValueError, match="a middle level needs"):
+        hierarchy.HierarchicalPrior(6, 3, 4, factor=4, middle_embeddings=5, middle_factor=3)

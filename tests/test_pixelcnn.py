@@ -181,8 +181,9 @@ def test_head_units_widen_the_layer_before_the_logits(tmp_path):
     np.testing.assert_allclose(sampler.used_logits().numpy(), loaded(codes).numpy(), atol=1e-4)
 
 
-def test_conditional_prior_uses_its_condition_and_stays_causal_and_exact(tmp_path):
-    model = random_model("gated", condition_classes=5, condition_factor=2)
+@pytest.mark.parametrize("condition_blocks", [0, 2])
+def test_conditional_prior_uses_its_condition_and_stays_causal_and_exact(tmp_path, condition_blocks):
+    model = random_model("gated", condition_classes=5, condition_factor=2, condition_blocks=condition_blocks)
     rng = np.random.default_rng(3)
     condition = tf.constant(rng.integers(0, 5, (3, 3, 4)), tf.int32)
     sampler = pixelcnn.Sampler(model, 3, 6, 8)
@@ -192,6 +193,12 @@ def test_conditional_prior_uses_its_condition_and_stays_causal_and_exact(tmp_pat
     naive_codes, _ = pixelcnn.naive_sample(model, 3, 6, 8, 1.0, 7, condition=condition)
     np.testing.assert_array_equal(naive_codes.numpy(), codes.numpy())
     assert np.abs(model((codes, (condition + 1) % 5)).numpy() - logits).max() > 1e-2  # the condition matters
+    # Row 0 of the codes sees a condition cell two rows below its own only through the
+    # condition's CNN (the stacks never look down).
+    far = condition.numpy().copy()
+    far[:, 2, 3] = (far[:, 2, 3] + 1) % 5
+    moved = np.abs(model((codes, tf.constant(far))).numpy() - logits)[:, 0].max()
+    assert (moved > 1e-4) == bool(condition_blocks)
     # Still causal in the codes: changing a code changes no logits at or before it.
     changed = codes.numpy().copy()
     changed[:, 2, 3] = (changed[:, 2, 3] + 1) % 6
@@ -201,6 +208,8 @@ def test_conditional_prior_uses_its_condition_and_stays_causal_and_exact(tmp_pat
         sampler.sample(1.0, 7)
     with pytest.raises(ValueError, match="only the gated PixelCNN takes a condition"):
         pixelcnn.PixelCNN(6, "plain", condition_classes=3)
+    with pytest.raises(ValueError, match="condition_blocks must be >= 0, and 0 for a global condition"):
+        pixelcnn.PixelCNN(6, "gated", condition_classes=3, condition_factor=0, condition_blocks=1)
     path = str(tmp_path / "conditional.keras")
     model.save(path)
     np.testing.assert_allclose(keras.models.load_model(path)((codes, condition)).numpy(), logits, atol=1e-6)
