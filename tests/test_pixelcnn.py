@@ -213,3 +213,33 @@ def test_conditional_prior_uses_its_condition_and_stays_causal_and_exact(tmp_pat
     path = str(tmp_path / "conditional.keras")
     model.save(path)
     np.testing.assert_allclose(keras.models.load_model(path)((codes, condition)).numpy(), logits, atol=1e-6)
+
+
+def test_dropout_acts_in_training_only_and_the_sampler_stays_exact():
+    model = random_model("gated", dropout=0.5)
+    codes = tf.constant(np.random.default_rng(4).integers(0, 6, (2, 5, 6)), tf.int32)
+    inference = model(codes).numpy()
+    np.testing.assert_array_equal(model(codes).numpy(), inference)
+    assert np.abs(model(codes, training=True).numpy() - inference).max() > 1e-3
+    sampler = pixelcnn.Sampler(model, 2, 5, 6)
+    drawn = sampler.sample(1.0, 3)
+    np.testing.assert_allclose(sampler.used_logits().numpy(), model(drawn).numpy(), atol=1e-4)
+    with pytest.raises(ValueError, match="dropout must be in"):
+        pixelcnn.PixelCNN(6, "gated", dropout=1.0)
+
+
+def test_position_embedding_tells_positions_apart_and_the_sampler_stays_exact(tmp_path):
+    model = random_model("gated", position_grid=(6, 8))
+    same = tf.zeros((1, 6, 8), tf.int32)  # the same code everywhere: only the position differs
+    logits = model(same).numpy()[0]
+    assert np.abs(logits[3, 1] - logits[3, 6]).max() > 1e-2
+    sampler = pixelcnn.Sampler(model, 2, 5, 7)  # a smaller grid takes the embedding's corner
+    codes = sampler.sample(1.0, 5)
+    np.testing.assert_allclose(sampler.used_logits().numpy(), model(codes).numpy(), atol=1e-4)
+    naive_codes, _ = pixelcnn.naive_sample(model, 2, 5, 7, 1.0, 5)
+    np.testing.assert_array_equal(naive_codes.numpy(), codes.numpy())
+    path = str(tmp_path / "positions.keras")
+    model.save(path)
+    np.testing.assert_allclose(keras.models.load_model(path)(codes).numpy(), model(codes).numpy(), atol=1e-6)
+    with pytest.raises(ValueError, match="only the gated PixelCNN takes a condition or a position grid"):
+        pixelcnn.PixelCNN(6, "plain", position_grid=(4, 4))
