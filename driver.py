@@ -8,9 +8,9 @@
     python driver.py anomaly --run RUN_DIR --data DIR # anomaly maps of new slices
     python driver.py -h                               # every option, with its default
 
-Only the command line: one `Config` holds every setting (defaults and help text live there
-alone), is filled in from the flags and saved as `config.json` beside the run's models, so a
-run can be reloaded and repeated exactly. `train.py`, `evaluate.py` and `sample.py` do the work.
+Only the command line: one `Config` holds every setting (defaults and help text live there alone), is
+filled in from the flags and saved as `config.json` beside the run's models, so a run can be reloaded and
+repeated exactly. `train.py`, `evaluate.py`, `sample.py` and `anomaly.py` do the work.
 """
 
 import argparse
@@ -22,8 +22,6 @@ import sys
 import runs
 
 COMMANDS = ("train", "reconstruct", "sample", "evaluate", "anomaly")
-VERBOSE_HELP = "show TensorFlow's own log lines (hidden by default)"
-WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 def option(default, help_text):  # a Config field with its -h text
@@ -77,7 +75,7 @@ class Config:
     pcnn_top_layers: int = option(12, "hierarchical prior: gated layers of the top PixelCNN")
     pcnn_top_epochs: int = option(12, "hierarchical prior: training epochs of the top PixelCNN")
     pcnn_middle_codes: int = option(256, "hierarchical prior: codes of a middle grid between the top grid and the "
-                                         "codes (0 = two levels); its PixelCNN has the bottom one's settings")
+                                         "codes (0 = two levels); its PixelCNN has the top one's settings")
     pcnn_middle_factor: int = option(2, "hierarchical prior: the side of the middle grid's blocks, in codes")
     pcnn_middle_epochs: int = option(12, "hierarchical prior: training epochs of the middle PixelCNN")
     pcnn_condition_blocks: int = option(4, "hierarchical prior: residual 3x3 convolutions that read the grid above "
@@ -85,6 +83,8 @@ class Config:
     pcnn_mirror: bool = option(True, "train the prior on the training slices mirrored left to right too (2x grids)")
     pcnn_position_bins: int = option(0, "hierarchical prior: condition the top grid on the slice's level in its "
                                         "volume, in this many bins (0 = no position)")
+    pcnn_top_temperature: float = option(0.7, "hierarchical prior: the top grid (the head's outline) is sampled at "
+                                              "this times the sampling temperature (< 1: more typical shapes)")
     samples: int = option(16, "new slices sampled at the end of the run")
     temperature: float = option(1.0, "sampling temperature (< 1: more typical samples, > 1: more varied)")
     cache: str = option(None, "folder for the decoded slices, shared by runs of the same files (default: RUN/cache)")
@@ -118,7 +118,7 @@ def build_parser():
         kind = {list: dict(type=int, nargs="+"), bool: dict(action=argparse.BooleanOptionalAction),
                 int: dict(type=int), float: dict(type=float)}.get(field.type, {})
         parser.add_argument(*names, dest=field.name, default=field.default, help=help_text.replace("%", "%%"), **kind)
-    parser.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
+    parser.add_argument("--verbose", action="store_true", help="show TensorFlow's own log lines (hidden by default)")
     return parser
 
 
@@ -130,7 +130,7 @@ def command_parser(name, description, run_help, options):
     for flag, kind, default, help_text in options:
         shown = "" if default is None else " (default: %(default)s)"
         parser.add_argument(flag, type=kind, default=default, help=help_text + shown)
-    parser.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
+    parser.add_argument("--verbose", action="store_true", help="show TensorFlow's own log lines (hidden by default)")
     return parser
 
 
@@ -156,7 +156,6 @@ EVALUATE = ("evaluate", "Score a trained run on the whole test split (SSIM, PSNR
                 ("--samples", int, 160, "slices to sample and compare with real ones (150+ for the C2ST); 0 = skip"),
                 ("--temperature", float, 1.0, "sampling temperature"), ("--seed", int, 0, "sampling seed"),
                 ("--batch-size", int, 16, "slices per batch")])
-
 ANOMALY = ("anomaly", "Anomaly maps of every slice in a folder, from a run trained on healthy brains: the codes its "
            "prior finds unlikely are redrawn ('healed'), and the map is where the healed slice differs.",
            "run folder holding vqvae.keras and pixelcnn.keras", [
@@ -181,7 +180,7 @@ MINIMUM = dict(K=2, D=1, epochs=1, batch_size=1, beta=0, ssim_weight=0, dead_cod
                pcnn_batch_size=1, samples=0, pcnn_top_codes=2, pcnn_top_factor=2, pcnn_top_filters=2,
                pcnn_top_layers=1, pcnn_top_epochs=1, pcnn_position_bins=0, pcnn_condition_blocks=0,
                pcnn_middle_codes=0, pcnn_middle_factor=2, pcnn_middle_epochs=1)
-POSITIVE = ("learning_rate", "pcnn_learning_rate", "temperature")
+POSITIVE = ("learning_rate", "pcnn_learning_rate", "temperature", "pcnn_top_temperature")
 CHOICES = dict(codebook_init=("kmeans", "uniform"), norm=("batch", "group", "none"),
                pcnn_variant=("plain", "gated", "hierarchical"), strategy=("default", "mirrored", "multiworker"))
 
@@ -202,9 +201,8 @@ def check(values, minimum, positive=(), choices=None):
                 f"got {getattr(values, name)!r}") for name, options in (choices or {}).items()])
 
 
-def validate(config):
-    """Check flag values before any work starts."""
-    c = config
+def validate(c):
+    """Check the flag values of Config `c` before any work starts."""
     check(c, MINIMUM, POSITIVE, CHOICES)
     require([
         (0 <= c.ema_decay < 1, f"--ema-decay must be in [0, 1), got {c.ema_decay}"),
@@ -221,11 +219,11 @@ def validate(config):
          f"and divide it"),
     ])
     if c.image_size is not None:
-        downsampling, (height, width) = 2 ** len(c.filters), (c.image_size[0], c.image_size[-1])
-        require([(len(c.image_size) in (1, 2) and min(c.image_size) >= 1,
-                  f"--image-size takes HEIGHT [WIDTH] in pixels, got {c.image_size}"),
-                 (height % downsampling == 0 and width % downsampling == 0, f"--image-size {height}x{width} is not "
-                  f"divisible by the downsampling factor {downsampling} (2 ** number of --filters)")])
+        (height, width), downsampling = (c.image_size[0], c.image_size[-1]), 2 ** len(c.filters)
+        require([(len(c.image_size) in (1, 2) and min(c.image_size) >= 1, f"--image-size takes HEIGHT [WIDTH] in "
+                  f"pixels, got {c.image_size}"), (height % downsampling == 0 and width % downsampling == 0,
+                 f"--image-size {height}x{width} is not divisible by the downsampling factor {downsampling} "
+                 "(2 ** number of --filters)")])
     if c.data is not None:
         runs.require_folder(c.data)
     if c.resume is not None:
@@ -234,11 +232,9 @@ def validate(config):
         raise UsageError(f"--out {c.out} already holds a run (config.json); choose another folder")
     import matplotlib
 
-    if c.cmap not in matplotlib.colormaps:
-        raise UsageError(f"--cmap {c.cmap!r} is not a matplotlib colormap")
+    require([(c.cmap in matplotlib.colormaps, f"--cmap {c.cmap!r} is not a matplotlib colormap")])
 
 
-# ---------------------------------------------------------------------------
 # The commands
 
 
@@ -288,7 +284,6 @@ def sample(args):
     require([(args.position is None or 0 <= args.position <= 1,
               f"--position must be between 0 and 1, got {args.position}")])
     import sample as sampling
-
     return sampling.sample_run(args.run, args.n, args.temperature, args.seed, args.batch_size, args.position, args.out)
 
 
@@ -297,7 +292,6 @@ def anomaly(args):
     require([(args.data, "--data is required: the folder of slices to map"),
              (0 < args.quantile < 1, f"--quantile must be between 0 and 1, got {args.quantile}")])
     import anomaly as maps
-
     return maps.map_folder(args.run, args.data, args.split, args.out, args.draws, args.quantile, args.batch_size,
                            args.seed)
 
@@ -308,12 +302,9 @@ def evaluate_command(args):
     import train as stages
 
     config = Config.from_saved(runs.load_config(args.run))
-    model = runs.load_model(args.run, "vqvae.keras")
-    prior = runs.load_model(args.run, "pixelcnn.keras", required=False)
+    model, prior = runs.load_model(args.run, "vqvae.keras"), runs.load_model(args.run, "pixelcnn.keras", required=False)
     config.data, config.batch_size = runs.require_folder(args.data or config.data), args.batch_size
     source, _, splits = stages.prepare_data(config, config.cache or os.path.join(args.run, "cache"))
-    if prior is None:
-        print(f"{args.run} has no pixelcnn.keras: scoring the VQ-VAE only", flush=True)
     return evaluate.evaluate_run(args.run, model, splits, prior, args.samples, args.temperature, args.seed,
                                  config.cmap, config.data, source.positions["test"])
 
@@ -338,7 +329,7 @@ def main(argv=None):
     except UsageError as error:
         sys.exit(f"driver.py: error: {error}")
     except OSError as error:  # a full disk or quota, a read-only or forbidden folder: one line
-        if error.errno not in WRITE_ERRORS:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
             raise
         sys.exit(f"driver.py: error: cannot write {error.filename or 'a file'}: {error.strerror}; "
                  f"the files written before are intact")

@@ -330,6 +330,8 @@ def evaluate_run(run_dir, model, splits, prior=None, samples=16, temperature=1.0
             sample_metrics, figures["samples"] = sample_report(model, prior, splits, test_grids, samples, temperature,
                                                                seed, out, cmap)
             metrics.update(sample_metrics)
+    else:
+        print(f"{run_dir} has no pixelcnn.keras: scoring the VQ-VAE only", flush=True)
     metrics["evaluation_seconds"] = round(time.time() - start, 1)
 
     metrics_path = os.path.join(run_dir, "metrics.json")

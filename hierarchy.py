@@ -56,10 +56,11 @@ class HierarchicalPrior(keras.Model):
     `middle_embeddings` > 0 a middle grid has that many, one per `middle_factor` x
     `middle_factor` block. `top`, `middle` and `bottom` are PixelCNN settings (filters,
     num_layers, head_units, ...); `position_bins` > 0 conditions the top grid on the
-    slice's position."""
+    slice's position. Samplers draw the top grid at `top_temperature` times the
+    temperature they are asked for."""
 
     def __init__(self, num_embeddings, latent_dim, top_embeddings=64, factor=4, top=None, bottom=None,
-                 position_bins=0, middle_embeddings=0, middle_factor=2, middle=None, **kwargs):
+                 position_bins=0, middle_embeddings=0, middle_factor=2, middle=None, top_temperature=1.0, **kwargs):
         super().__init__(**kwargs)
         if int(top_embeddings) < 2 or int(factor) < 2:
             raise ValueError(f"top_embeddings must be >= 2 and factor >= 2, got {top_embeddings} and {factor}")
@@ -72,7 +73,9 @@ class HierarchicalPrior(keras.Model):
         self.middle_embeddings, self.middle_factor = int(middle_embeddings), int(middle_factor)
         self.top_settings, self.bottom_settings = dict(top or {}), dict(bottom or {})
         self.middle_settings = dict(middle or {})
-        self.position_bins = int(position_bins)
+        self.position_bins, self.top_temperature = int(position_bins), float(top_temperature)
+        if not self.top_temperature > 0:
+            raise ValueError(f"top_temperature must be > 0, got {top_temperature}")
         by_position = dict(condition_classes=self.position_bins + 1, condition_factor=0) if self.position_bins else {}
         self.top = pixelcnn.PixelCNN(self.top_embeddings, "gated", name="top", **self.top_settings, **by_position)
         # The VQ-VAE's code vectors (copied in by `fit_codebooks`) and each level's centres.
@@ -227,7 +230,7 @@ class HierarchicalPrior(keras.Model):
                 "top_embeddings": self.top_embeddings, "factor": self.factor, "top": self.top_settings,
                 "bottom": self.bottom_settings, "position_bins": self.position_bins,
                 "middle_embeddings": self.middle_embeddings, "middle_factor": self.middle_factor,
-                "middle": self.middle_settings, "name": self.name}
+                "middle": self.middle_settings, "top_temperature": self.top_temperature, "name": self.name}
 
 
 def seed_offset(index, levels):
@@ -264,15 +267,17 @@ class HierarchicalSampler:
         return self.prior.position_classes(positions)[:, None, None]
 
     def sample(self, temperature=1.0, seed=0, progress=None, position=None):
-        """(batch_size, height, width) codes; `progress(row)` after each row of codes. A
+        """(batch_size, height, width) codes; `progress(row)` after each row of codes; the
+        top grid at the prior's `top_temperature` times `temperature`. A
         prior with position bins draws slices at `position` (a number in [0, 1] or one per
         slice), or at positions drawn from the training slices' if None."""
         condition = self.position_condition(position, seed)
         self.grids = []
         for index, sampler in enumerate(self.samplers):
             last = index == len(self.samplers) - 1
+            at = temperature * (self.prior.top_temperature if index == 0 else 1.0)
             # Each level its own seed, so its draws are not the level above's again.
-            self.grids.append(sampler.sample(temperature, seed + seed_offset(index, len(self.samplers)),
+            self.grids.append(sampler.sample(at, seed + seed_offset(index, len(self.samplers)),
                                              progress if last else None, condition=condition))
             condition = self.grids[-1]
         return self.grids[-1]

@@ -53,8 +53,8 @@ def build_vqvae(config):
 
 
 def build_prior(config):
-    """The prior of a config: a compiled PixelCNN, or a HierarchicalPrior whose two
-    PixelCNNs are compiled."""
+    """The prior of a config: a compiled PixelCNN, or a HierarchicalPrior whose PixelCNNs
+    are compiled (the middle one with the top one's settings)."""
     settings = dict(filters=config.pcnn_filters, num_layers=config.pcnn_layers, head_units=config.pcnn_head_units or None)
     if config.pcnn_variant == "hierarchical":
         top = dict(filters=config.pcnn_top_filters, num_layers=config.pcnn_top_layers,
@@ -63,7 +63,9 @@ def build_prior(config):
         prior = hierarchy.HierarchicalPrior(config.K, config.D, config.pcnn_top_codes, config.pcnn_top_factor,
                                             top=top, bottom=below, position_bins=config.pcnn_position_bins,
                                             middle_embeddings=config.pcnn_middle_codes,
-                                            middle_factor=config.pcnn_middle_factor, middle=below)
+                                            middle_factor=config.pcnn_middle_factor,
+                                            middle=dict(top, condition_blocks=config.pcnn_condition_blocks),
+                                            top_temperature=config.pcnn_top_temperature)
         networks = prior.networks
     else:
         prior = pixelcnn.PixelCNN(config.K, config.pcnn_variant, num_res_blocks=config.pcnn_res_blocks, **settings)

@@ -68,6 +68,7 @@ def test_help_lists_every_flag_with_its_default():
     (["--pcnn-epochs", "-1"], "--pcnn-epochs must be >= 0, got -1"),
     (["--pcnn-head-units", "-2"], "--pcnn-head-units must be >= 0 (0 = --pcnn-filters), got -2"),
     (["--temperature", "0"], "--temperature must be > 0, got 0.0"),
+    (["--pcnn-top-temperature", "0"], "--pcnn-top-temperature must be > 0, got 0.0"),
     (["--pcnn-middle-codes", "1"], "--pcnn-middle-codes must be 0 (no middle grid) or >= 2, got 1"),
     (["--pcnn-middle-factor", "3"], "--pcnn-middle-factor 3 must be smaller than --pcnn-top-factor 4 and divide it"),
     (["--pcnn-condition-blocks", "-1"], "--pcnn-condition-blocks must be >= 0, got -1"),

@@ -9,13 +9,14 @@ import hierarchy
 
 
 def random_prior(num_embeddings=6, latent_dim=3, top_embeddings=4, factor=2, scale=0.4, position_bins=0,
-                 middle_embeddings=0):
+                 middle_embeddings=0, top_temperature=1.0):
     keras.utils.set_random_seed(0)
     settings = dict(filters=8, num_layers=3, kernel_size=3, first_kernel_size=5)
     below = dict(settings, condition_blocks=2)
     prior = hierarchy.HierarchicalPrior(num_embeddings, latent_dim, top_embeddings, factor, top=settings,
                                         bottom=below, position_bins=position_bins,
-                                        middle_embeddings=middle_embeddings, middle=below)
+                                        middle_embeddings=middle_embeddings, middle=below,
+                                        top_temperature=top_temperature)
     rng = np.random.default_rng(1)
     for weight in prior.trainable_weights:
         weight.assign(rng.normal(0, scale, weight.shape).astype(np.float32))
@@ -192,3 +193,25 @@ def test_three_levels_sample_exactly_and_add_up(tmp_path):
     np.testing.assert_allclose(loaded.code_nll(codes).numpy(), prior.code_nll(codes).numpy(), atol=1e-5)
     with pytest.raises(ValueError, match="a middle level needs"):
         hierarchy.HierarchicalPrior(6, 3, 4, factor=4, middle_embeddings=5, middle_factor=3)
+
+
+
+def test_top_grid_is_drawn_at_the_priors_own_temperature(tmp_path):
+    """`top_temperature` scales the top grid's temperature only: near zero, every seed draws
+    the same (most likely) top grid while the codes below still vary; it is saved."""
+    def draw(prior, seed):
+        sampler = hierarchy.sampler_for(prior, 4, 8, 8)
+        codes = sampler.sample(1.0, seed=seed).numpy()
+        return sampler.top_grid.numpy(), codes
+
+    cold = random_prior(scale=0.1, top_temperature=1e-4)
+    (top_1, codes_1), (top_2, codes_2) = draw(cold, 1), draw(cold, 2)
+    np.testing.assert_array_equal(top_1, top_2)
+    assert not np.array_equal(codes_1, codes_2)
+    warm = random_prior(scale=0.1)
+    assert not np.array_equal(draw(warm, 1)[0], draw(warm, 2)[0])
+    path = str(tmp_path / "prior.keras")
+    cold.save(path)
+    assert keras.models.load_model(path).top_temperature == pytest.approx(1e-4)
+    with pytest.raises(ValueError, match="top_temperature must be > 0"):
+        hierarchy.HierarchicalPrior(6, 3, 4, 2, top_temperature=0)
