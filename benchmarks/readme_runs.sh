@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Re-run the real-data runs behind the README's numbers and figures, and copy the figures
-# into resources/. About 4 hours on 2 CPU cores. DATA defaults to ../shared/data.
+# into resources/. About 5 hours on 2 CPU cores. DATA defaults to ../shared/data.
 # The report and TensorBoard screenshots need a headless Chromium (Debian: apt-get install chromium).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,6 +18,12 @@ python driver.py --data "$DATA/oasis_like" --pcnn-position-bins 10 --no-pcnn-mir
 python driver.py --data "$DATA/oasis_like" --pcnn-position-bins 10 --out "$OUT-oasis-position-mirror"
 python benchmarks/realism.py --runs "$OUT-oasis-position" "$OUT-oasis-position-mirror"
 python benchmarks/sample_positions.py --run "$OUT-oasis-position-mirror" --out resources/oasis_samples_by_position.png
+# Issue 14: this version's defaults (three-level prior) as one whole run, and which level loses the anatomy.
+/usr/bin/time -v python driver.py --data "$DATA/oasis_like" --out "$OUT-oasis-default"
+python driver.py evaluate --run "$OUT-oasis-default"
+python benchmarks/levels.py --run "$OUT-oasis-default" --samples 160 --top-temperatures 1.0 0.7 \
+    --json "$OUT-oasis-default/levels.json"
+time python driver.py sample --run "$OUT-oasis-default" --n 16
 # Issue 15: the VQ-VAE variants, 15 epochs each, and the training step's throughput.
 for variant in "batch:--norm batch --ssim-weight 0 --weights-ema 0" "group:--norm group --ssim-weight 0 --weights-ema 0" \
                "batch-ssim:--norm batch --weights-ema 0" "group-ssim:--weights-ema 0" "default:"; do
@@ -32,7 +38,7 @@ python benchmarks/stability.py --runs "$OUT-vqvae-batch" "$OUT-vqvae-default" "$
 python benchmarks/throughput.py
 python benchmarks/throughput.py --set norm=batch ssim_weight=0 weights_ema=0
 # Issue 17: anomaly maps of synthetic lesions.
-python benchmarks/anomaly.py --run "$OUT-oasis-position-mirror" --data "$DATA/oasis_like" --slices 60 \
+python benchmarks/anomaly.py --run "$OUT-oasis-default" --data "$DATA/oasis_like" --slices 60 \
     --figure resources/anomaly_examples.png
 python benchmarks/prior_variants.py --run "$OUT-oasis" --epochs 12 --json "$OUT-oasis/prior_variants.json"
 python benchmarks/codebook.py --data "$DATA/oasis_like" --K 128 512 --minutes 6 --image-size 128 \
@@ -48,6 +54,7 @@ done
 cp "$OUT-oasis/samples/samples.png" resources/oasis_samples.png
 cp "$OUT-oasis/samples/samples.png" resources/oasis_samples_hierarchical.png
 cp "$OUT-oasis-gated/samples/samples.png" resources/oasis_samples_gated.png
+cp "$OUT-oasis-default/samples/samples.png" resources/oasis_samples_default.png
 for name in samples_nearest codebook_usage ssim_histogram worst_reconstructions; do
     cp "$OUT-oasis/evaluation/$name.png" "resources/oasis_eval_$name.png"
 done
