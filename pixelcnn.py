@@ -280,10 +280,12 @@ class PixelCNN(keras.Model):
         """The (B, h, w, condition_units) features of a condition grid at each code."""
         c = self.condition_embedding(condition)
         if self.condition_factor:
-            for conv in self.condition_convs:  # the condition is given whole: these need no mask
-                c = c + conv(tf.nn.relu(c))
+            # The condition is given whole: these need no mask. tf.maximum, not tf.nn.relu, for
+            # the reason given in `horizontal` (grappler's remapper fuses add + relu and fails).
+            for conv in self.condition_convs:
+                c = c + conv(tf.maximum(c, 0.0))
             if self.condition_upsample is not None:
-                c = self.condition_upsample(tf.nn.relu(c))
+                c = self.condition_upsample(tf.maximum(c, 0.0))
             else:
                 c = tf.repeat(tf.repeat(c, self.condition_factor, axis=1), self.condition_factor, axis=2)
             c = c[:, :height, :width]  # the last block row and column may overhang the grid

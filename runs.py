@@ -20,15 +20,21 @@ def require_folder(path, flag="--data"):
     return path
 
 
+# Settings added after a run may have been made, with the value that run used: a config.json
+# without them still resumes and reloads as the run it was (two levels, no condition blocks).
+EARLIER_SETTINGS = dict(pcnn_middle_codes=0, pcnn_condition_blocks=0, pcnn_top_temperature=1.0)
+
+
 def load_config(run_dir, flag="--run"):
-    """A run folder's config.json, as a dict."""
+    """A run folder's config.json, as a dict (settings it predates filled in from
+    EARLIER_SETTINGS)."""
     from data import DataError
     from files import read_json
 
     path = os.path.join(run_dir, "config.json")
     if not os.path.exists(path):
         raise DataError(f"{flag} {run_dir}: no config.json there (not a run folder)")
-    return read_json(path)
+    return {**EARLIER_SETTINGS, **read_json(path)}
 
 
 def load_model(run_dir, name, required=True):

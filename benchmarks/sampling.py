@@ -11,8 +11,8 @@ extrapolated to the whole grid. The cached sampler is timed on whole grids. Both
 with the same seeds, so they must draw the same codes from the same logits.
 
 For a run with a hierarchical prior, the timed network is the bottom PixelCNN over the
-largest grid, given a top grid drawn by the top PixelCNN; the cached time includes drawing
-that top grid.
+largest grid, given the grid above it (the middle grid of the three-level default) drawn by
+the coarser PixelCNNs; the cached time includes drawing those coarser grids.
 """
 
 import argparse

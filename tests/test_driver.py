@@ -1,6 +1,7 @@
 """driver.py: flag checking, a tiny end-to-end run, and the reconstruct command."""
 
 import csv
+import dataclasses
 import glob
 import json
 import os
@@ -250,3 +251,18 @@ def test_hierarchical_prior_run_samples_and_reloads(oasis_root, tmp_path, positi
     assert images.shape == (2, 32, 32, 1) and os.path.exists(os.path.join(run, "samples-seed0-position0.4",
                                                                           "sample_001.png"))
     assert "--position must be between 0 and 1, got 1.5" in run_error(["sample", "--run", run, "--position", "1.5"])
+
+
+def test_a_run_made_before_the_middle_grid_reloads_as_it_was(tmp_path):
+    """A config.json from before --pcnn-middle-codes, --pcnn-condition-blocks and
+    --pcnn-top-temperature existed resumes as the two-level prior it trained."""
+    import runs
+
+    saved = {field: value for field, value in dataclasses.asdict(driver.Config()).items()
+             if field not in runs.EARLIER_SETTINGS}
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    config = driver.Config.from_saved(runs.load_config(str(tmp_path)))
+    assert (config.pcnn_middle_codes, config.pcnn_condition_blocks, config.pcnn_top_temperature) == (0, 0, 1.0)
+    assert config.K == driver.Config().K
+    (tmp_path / "config.json").write_text(json.dumps({**saved, "pcnn_middle_codes": 256}))
+    assert runs.load_config(str(tmp_path))["pcnn_middle_codes"] == 256
