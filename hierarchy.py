@@ -266,14 +266,19 @@ class HierarchicalSampler:
         positions = np.broadcast_to(np.asarray(position, np.float32), (self.batch_size,))
         return self.prior.position_classes(positions)[:, None, None]
 
-    def sample(self, temperature=1.0, seed=0, progress=None, position=None):
+    def sample(self, temperature=1.0, seed=0, progress=None, position=None, above=()):
         """(batch_size, height, width) codes; `progress(row)` after each row of codes; the
         top grid at the prior's `top_temperature` times `temperature`. A
         prior with position bins draws slices at `position` (a number in [0, 1] or one per
-        slice), or at positions drawn from the training slices' if None."""
-        condition = self.position_condition(position, seed)
-        self.grids = []
-        for index, sampler in enumerate(self.samplers):
+        slice), or at positions drawn from the training slices' if None. `above` gives the
+        grids of the coarsest levels (coarsest first) instead of drawing them: only the
+        finer levels are drawn, given the last of them."""
+        self.grids = [tf.constant(np.asarray(grid, np.int32)) for grid in above]
+        if len(self.grids) >= len(self.samplers):
+            raise ValueError(f"`above` holds {len(self.grids)} grids; this prior has {len(self.samplers) - 1} "
+                             "levels above the codes")
+        condition = self.grids[-1] if self.grids else self.position_condition(position, seed)
+        for index, sampler in enumerate(self.samplers[len(self.grids):], len(self.grids)):
             last = index == len(self.samplers) - 1
             at = temperature * (self.prior.top_temperature if index == 0 else 1.0)
             # Each level its own seed, so its draws are not the level above's again.

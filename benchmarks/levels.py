@@ -4,9 +4,9 @@ down, given the real grids above it, against real test slices.
     python benchmarks/levels.py --run RUN [--samples 160] [--top-temperatures 1.0 0.7]
 
 For a run with a hierarchical prior, takes --samples test slices spread over the test split
-and their grids at every level (C2ST needs 150+ slices to mean much). For each level, it keeps the real grids above that level,
-draws the level and every finer one from the prior (the exact sampler, temperature 1), decodes
-the codes and scores the slices as `driver.py evaluate` does (realism.py, evaluate.py): C2ST
+and their grids at every level (C2ST needs 150+ slices to mean much). For each level, it
+keeps the real grids above that level, draws the level and every finer one from the prior
+(`HierarchicalSampler.sample(above=...)`, temperature 1), decodes the codes and scores the slices as `driver.py evaluate` does (realism.py, evaluate.py): C2ST
 against the real test slices, left-right symmetry, one piece, near-empty, solidity, and the
 nearest-train and pairwise SSIM. Whole samples (drawn from the top) are scored at every
 --top-temperatures value (the top grid's temperature; the finer levels at 1). A level whose
@@ -69,7 +69,7 @@ def main():
     codes = np.load(os.path.join(args.run, "codes.npz"))["test"]
     pick = np.linspace(0, len(test) - 1, min(args.samples, len(test))).astype(int)
     real = [grid.numpy() for grid in prior.level_codes(codes[pick])] + [codes[pick]]
-    samplers = hierarchy.HierarchicalSampler(prior, len(pick), *codes.shape[1:]).samplers
+    sampler = hierarchy.HierarchicalSampler(prior, len(pick), *codes.shape[1:])
     decode = lambda grid: np.clip(model.decode(grid).numpy()[..., 0] - model.shift, 0, 1)  # noqa: E731
     train_batches = lambda: (images.numpy() - model.shift for images in splits["train"].rebatch(256))  # noqa: E731
 
@@ -77,13 +77,10 @@ def main():
     rows = [scores("real test slices", test[pick], test, train_batches, args.seed, c2st=False),
             scores("their reconstructions", decode(codes[pick]), test, train_batches, args.seed),
             scores("validation slices (control)", control, test, train_batches, args.seed)]
-    runs_of = [(0, t) for t in args.top_temperatures] + [(level, 1.0) for level in range(1, len(samplers))]
+    runs_of = [(0, t) for t in args.top_temperatures] + [(level, 1.0) for level in range(1, len(prior.names))]
     for start, top_temperature in runs_of:
-        grid = real[start - 1] if start else None
-        for level in range(start, len(samplers)):
-            temperature = top_temperature if level == 0 else 1.0
-            grid = samplers[level].sample(temperature, args.seed + hierarchy.seed_offset(level, len(samplers)),
-                                          condition=grid).numpy()
+        prior.top_temperature = top_temperature  # the top grid at this temperature, the rest at 1
+        grid = sampler.sample(1.0, args.seed, above=real[:start]).numpy()
         above = "nothing" if start == 0 else "the real " + " and ".join(prior.names[:start])
         name = f"{'+'.join(prior.names[start:])} drawn given {above}" + (
             f", top at T {top_temperature:g}" if start == 0 else "")

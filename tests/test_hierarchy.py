@@ -191,6 +191,14 @@ def test_three_levels_sample_exactly_and_add_up(tmp_path):
     loaded = keras.models.load_model(path)
     assert loaded.get_config() == prior.get_config() and loaded.middle_codebook.numpy().any()
     np.testing.assert_allclose(loaded.code_nll(codes).numpy(), prior.code_nll(codes).numpy(), atol=1e-5)
+    given = sampler.sample(1.0, seed=5, above=[top]).numpy()  # the top grid given, the rest drawn
+    np.testing.assert_array_equal(sampler.grids[0], top)
+    np.testing.assert_allclose(sampler.samplers[1].used_logits().numpy(),
+                               prior.middle((sampler.grids[1], top)).numpy(), atol=1e-4)
+    np.testing.assert_allclose(sampler.used_logits().numpy(), prior.bottom((given, sampler.grids[1])).numpy(),
+                               atol=1e-4)
+    with pytest.raises(ValueError, match="levels above the codes"):
+        sampler.sample(1.0, above=[top, middle, codes])
     with pytest.raises(ValueError, match="a middle level needs"):
         hierarchy.HierarchicalPrior(6, 3, 4, factor=4, middle_embeddings=5, middle_factor=3)
 
