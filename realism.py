@@ -98,8 +98,8 @@ def downscale(images, size=C2ST_SIZE):
 
 def c2st_accuracy(first, second, folds=5, epochs=20, batch_size=32, seed=0):
     """Held-out accuracy of a CNN telling (N, H, W[, 1]) slices `first` from `second`, with
-    `folds`-fold cross-validation (a fresh classifier per fold; fewer folds for sets smaller
-    than `folds`). The two sets are cut to the same size, so 0.5 is chance."""
+    `folds`-fold cross-validation (the classifier starts afresh in each fold; fewer folds for
+    sets smaller than `folds`). The two sets are cut to the same size, so 0.5 is chance."""
     import keras
 
     count = min(len(first), len(second))
@@ -111,15 +111,22 @@ def c2st_accuracy(first, second, folds=5, epochs=20, batch_size=32, seed=0):
     images = np.concatenate([pick(first), pick(second)])
     labels = np.concatenate([np.ones(count), np.zeros(count)]).astype(np.float32)
     order = rng.permutation(len(images))
+    # One classifier, traced once, and set back to the same fresh state before each fold:
+    # the same weights, dropout seed and optimizer state a new classifier would start from.
+    keras.utils.set_random_seed(seed)
+    model = classifier()
+    model.compile(optimizer=keras.optimizers.Adam(1e-3),
+                  loss=keras.losses.BinaryCrossentropy(from_logits=True))
+    model.optimizer.build(model.trainable_variables)
+    fresh = [(variable, variable.numpy()) for variable in model.variables + model.optimizer.variables]
     correct = 0
     for fold in np.array_split(order, folds):
         train = np.setdiff1d(order, fold)
         keras.utils.set_random_seed(seed)
-        model = classifier()
-        model.compile(optimizer=keras.optimizers.Adam(1e-3),
-                      loss=keras.losses.BinaryCrossentropy(from_logits=True))
+        for variable, value in fresh:
+            variable.assign(value)
         model.fit(images[train], labels[train], epochs=epochs, batch_size=batch_size, verbose=0)
-        predicted = model(images[fold], training=False).numpy()[:, 0] > 0  # no predict(): one trace per fold
+        predicted = model(images[fold], training=False).numpy()[:, 0] > 0
         correct += int(np.sum(predicted == (labels[fold] > 0.5)))
     return correct / len(images)
 
