@@ -85,6 +85,7 @@ class Config:
                                         "volume, in this many bins (0 = no position)")
     pcnn_top_temperature: float = option(0.7, "hierarchical prior: the top grid (the head's outline) is sampled at "
                                               "this times the sampling temperature (< 1: more typical shapes)")
+    pcnn_bottom_temperature: float = option(1.0, "hierarchical prior: the codes are sampled at this times --temperature")
     samples: int = option(16, "new slices sampled at the end of the run")
     temperature: float = option(1.0, "sampling temperature (< 1: more typical samples, > 1: more varied)")
     cache: str = option(None, "folder for the decoded slices, shared by runs of the same files (default: RUN/cache)")
@@ -180,7 +181,7 @@ MINIMUM = dict(K=2, D=1, epochs=1, batch_size=1, beta=0, ssim_weight=0, dead_cod
                pcnn_batch_size=1, samples=0, pcnn_top_codes=2, pcnn_top_factor=2, pcnn_top_filters=2,
                pcnn_top_layers=1, pcnn_top_epochs=1, pcnn_position_bins=0, pcnn_condition_blocks=0,
                pcnn_middle_codes=0, pcnn_middle_factor=2, pcnn_middle_epochs=1)
-POSITIVE = ("learning_rate", "pcnn_learning_rate", "temperature", "pcnn_top_temperature")
+POSITIVE = ("learning_rate", "pcnn_learning_rate", "temperature", "pcnn_top_temperature", "pcnn_bottom_temperature")
 CHOICES = dict(codebook_init=("kmeans", "uniform"), norm=("batch", "group", "none"),
                pcnn_variant=("plain", "gated", "hierarchical"), strategy=("default", "mirrored", "multiworker"))
 
@@ -231,7 +232,6 @@ def validate(c):
     elif c.out and os.path.exists(os.path.join(c.out, "config.json")):
         raise UsageError(f"--out {c.out} already holds a run (config.json); choose another folder")
     import matplotlib
-
     require([(c.cmap in matplotlib.colormaps, f"--cmap {c.cmap!r} is not a matplotlib colormap")])
 
 

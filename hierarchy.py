@@ -57,10 +57,11 @@ class HierarchicalPrior(keras.Model):
     `middle_factor` block. `top`, `middle` and `bottom` are PixelCNN settings (filters,
     num_layers, head_units, ...); `position_bins` > 0 conditions the top grid on the
     slice's position. Samplers draw the top grid at `top_temperature` times the
-    temperature they are asked for."""
+    temperature they are asked for, and the codes at `bottom_temperature` times it."""
 
     def __init__(self, num_embeddings, latent_dim, top_embeddings=64, factor=4, top=None, bottom=None,
-                 position_bins=0, middle_embeddings=0, middle_factor=2, middle=None, top_temperature=1.0, **kwargs):
+                 position_bins=0, middle_embeddings=0, middle_factor=2, middle=None, top_temperature=1.0,
+                 bottom_temperature=1.0, **kwargs):
         super().__init__(**kwargs)
         if int(top_embeddings) < 2 or int(factor) < 2:
             raise ValueError(f"top_embeddings must be >= 2 and factor >= 2, got {top_embeddings} and {factor}")
@@ -74,8 +75,10 @@ class HierarchicalPrior(keras.Model):
         self.top_settings, self.bottom_settings = dict(top or {}), dict(bottom or {})
         self.middle_settings = dict(middle or {})
         self.position_bins, self.top_temperature = int(position_bins), float(top_temperature)
-        if not self.top_temperature > 0:
-            raise ValueError(f"top_temperature must be > 0, got {top_temperature}")
+        self.bottom_temperature = float(bottom_temperature)
+        for name, value in (("top_temperature", top_temperature), ("bottom_temperature", bottom_temperature)):
+            if not float(value) > 0:
+                raise ValueError(f"{name} must be > 0, got {value}")
         by_position = dict(condition_classes=self.position_bins + 1, condition_factor=0) if self.position_bins else {}
         self.top = pixelcnn.PixelCNN(self.top_embeddings, "gated", name="top", **self.top_settings, **by_position)
         # The VQ-VAE's code vectors (copied in by `fit_codebooks`) and each level's centres.
@@ -230,7 +233,8 @@ class HierarchicalPrior(keras.Model):
                 "top_embeddings": self.top_embeddings, "factor": self.factor, "top": self.top_settings,
                 "bottom": self.bottom_settings, "position_bins": self.position_bins,
                 "middle_embeddings": self.middle_embeddings, "middle_factor": self.middle_factor,
-                "middle": self.middle_settings, "top_temperature": self.top_temperature, "name": self.name}
+                "middle": self.middle_settings, "top_temperature": self.top_temperature,
+                "bottom_temperature": self.bottom_temperature, "name": self.name}
 
 
 def seed_offset(index, levels):
@@ -268,7 +272,8 @@ class HierarchicalSampler:
 
     def sample(self, temperature=1.0, seed=0, progress=None, position=None, above=()):
         """(batch_size, height, width) codes; `progress(row)` after each row of codes; the
-        top grid at the prior's `top_temperature` times `temperature`. A
+        top grid at the prior's `top_temperature` times `temperature`, the codes at its
+        `bottom_temperature` times it (a middle grid at `temperature`). A
         prior with position bins draws slices at `position` (a number in [0, 1] or one per
         slice), or at positions drawn from the training slices' if None. `above` gives the
         grids of the coarsest levels (coarsest first) instead of drawing them: only the
@@ -280,7 +285,8 @@ class HierarchicalSampler:
         condition = self.grids[-1] if self.grids else self.position_condition(position, seed)
         for index, sampler in enumerate(self.samplers[len(self.grids):], len(self.grids)):
             last = index == len(self.samplers) - 1
-            at = temperature * (self.prior.top_temperature if index == 0 else 1.0)
+            at = temperature * (self.prior.top_temperature if index == 0 else
+                                self.prior.bottom_temperature if last else 1.0)
             # Each level its own seed, so its draws are not the level above's again.
             self.grids.append(sampler.sample(at, seed + seed_offset(index, len(self.samplers)),
                                              progress if last else None, condition=condition))

@@ -65,7 +65,8 @@ def build_prior(config):
                                             middle_embeddings=config.pcnn_middle_codes,
                                             middle_factor=config.pcnn_middle_factor,
                                             middle=dict(top, condition_blocks=config.pcnn_condition_blocks),
-                                            top_temperature=config.pcnn_top_temperature)
+                                            top_temperature=config.pcnn_top_temperature,
+                                            bottom_temperature=config.pcnn_bottom_temperature)
         networks = prior.networks
     else:
         prior = pixelcnn.PixelCNN(config.K, config.pcnn_variant, num_res_blocks=config.pcnn_res_blocks, **settings)

@@ -2,6 +2,7 @@
 down, given the real grids above it, against real test slices.
 
     python benchmarks/levels.py --run RUN [--samples 160] [--top-temperatures 1.0 0.7]
+                                [--bottom-temperatures 0.8 0.6]
 
 For a run with a hierarchical prior, takes --samples test slices spread over the test split
 and their grids at every level (C2ST needs 150+ slices to mean much). For each level, it
@@ -9,7 +10,9 @@ keeps the real grids above that level, draws the level and every finer one from 
 (`HierarchicalSampler.sample(above=...)`, temperature 1), decodes the codes and scores the slices as `driver.py evaluate` does (realism.py, evaluate.py): C2ST
 against the real test slices, left-right symmetry, one piece, near-empty, solidity, and the
 nearest-train and pairwise SSIM. Whole samples (drawn from the top) are scored at every
---top-temperatures value (the top grid's temperature; the finer levels at 1). A level whose
+--top-temperatures value (the top grid's temperature; the finer levels at 1), and at each
+--bottom-temperatures value (the codes' temperature; the top grid at the first
+--top-temperatures value, a middle grid at 1). A level whose
 row is far worse than the row below it is where the prior loses the anatomy. The real slices,
 their reconstructions and the validation-vs-test control come first.
 """
@@ -47,6 +50,8 @@ def main():
     parser.add_argument("--samples", type=int, default=160, help="slices per row (150+ for the C2ST)")
     parser.add_argument("--top-temperatures", type=float, nargs="+", default=[1.0],
                         help="temperatures of the top grid for whole samples (default: 1.0)")
+    parser.add_argument("--bottom-temperatures", type=float, nargs="*", default=[],
+                        help="temperatures of the codes for whole samples (default: none)")
     parser.add_argument("--seed", type=int, default=0, help="sampling and C2ST seed")
     parser.add_argument("--json", help="also write the table here")
     args = parser.parse_args()
@@ -77,16 +82,20 @@ def main():
     rows = [scores("real test slices", test[pick], test, train_batches, args.seed, c2st=False),
             scores("their reconstructions", decode(codes[pick]), test, train_batches, args.seed),
             scores("validation slices (control)", control, test, train_batches, args.seed)]
-    runs_of = [(0, t) for t in args.top_temperatures] + [(level, 1.0) for level in range(1, len(prior.names))]
-    for start, top_temperature in runs_of:
-        prior.top_temperature = top_temperature  # the top grid at this temperature, the rest at 1
+    top = args.top_temperatures[0]
+    runs_of = ([(0, t, 1.0) for t in args.top_temperatures] + [(0, top, t) for t in args.bottom_temperatures]
+               + [(level, 1.0, 1.0) for level in range(1, len(prior.names))])
+    for start, top_temperature, bottom_temperature in runs_of:
+        # The top grid and the codes at these temperatures, a middle grid at 1.
+        prior.top_temperature, prior.bottom_temperature = top_temperature, bottom_temperature
         grid = sampler.sample(1.0, args.seed, above=real[:start]).numpy()
         above = "nothing" if start == 0 else "the real " + " and ".join(prior.names[:start])
         name = f"{'+'.join(prior.names[start:])} drawn given {above}" + (
-            f", top at T {top_temperature:g}" if start == 0 else "")
+            f", top at T {top_temperature:g}" if start == 0 else "") + (
+            f", bottom at T {bottom_temperature:g}" if bottom_temperature != 1 else "")
         rows.append(scores(name, decode(grid), test, train_batches, args.seed))
 
-    table.print_table([("slices", 58, "{}"), ("C2ST", 5, "{:.3f}"), ("symmetry", 8, "{:.3f}"),
+    table.print_table([("slices", 72, "{}"), ("C2ST", 5, "{:.3f}"), ("symmetry", 8, "{:.3f}"),
                        ("one piece", 9, "{:.1%}"), ("near-empty", 10, "{:.1%}"), ("solidity", 8, "{:.3f}"),
                        ("nearest-train", 13, "{:.3f}"), ("pairwise", 8, "{:.3f}")],
                       [[row["slices"], row["c2st"], row["symmetry"], row["one_piece"], row["near_empty"],

@@ -70,6 +70,7 @@ def test_help_lists_every_flag_with_its_default():
     (["--pcnn-head-units", "-2"], "--pcnn-head-units must be >= 0 (0 = --pcnn-filters), got -2"),
     (["--temperature", "0"], "--temperature must be > 0, got 0.0"),
     (["--pcnn-top-temperature", "0"], "--pcnn-top-temperature must be > 0, got 0.0"),
+    (["--pcnn-bottom-temperature", "-1"], "--pcnn-bottom-temperature must be > 0, got -1.0"),
     (["--pcnn-middle-codes", "1"], "--pcnn-middle-codes must be 0 (no middle grid) or >= 2, got 1"),
     (["--pcnn-middle-factor", "3"], "--pcnn-middle-factor 3 must be smaller than --pcnn-top-factor 4 and divide it"),
     (["--pcnn-condition-blocks", "-1"], "--pcnn-condition-blocks must be >= 0, got -1"),
@@ -255,14 +256,15 @@ def test_hierarchical_prior_run_samples_and_reloads(oasis_root, tmp_path, positi
 
 def test_a_run_made_before_the_middle_grid_reloads_as_it_was(tmp_path):
     """A config.json from before --pcnn-middle-codes, --pcnn-condition-blocks and
-    --pcnn-top-temperature existed resumes as the two-level prior it trained."""
+    --pcnn-top-temperature and --pcnn-bottom-temperature existed resumes as the two-level prior it trained."""
     import runs
 
     saved = {field: value for field, value in dataclasses.asdict(driver.Config()).items()
              if field not in runs.EARLIER_SETTINGS}
     (tmp_path / "config.json").write_text(json.dumps(saved))
     config = driver.Config.from_saved(runs.load_config(str(tmp_path)))
-    assert (config.pcnn_middle_codes, config.pcnn_condition_blocks, config.pcnn_top_temperature) == (0, 0, 1.0)
+    assert (config.pcnn_middle_codes, config.pcnn_condition_blocks, config.pcnn_top_temperature,
+            config.pcnn_bottom_temperature) == (0, 0, 1.0, 1.0)
     assert config.K == driver.Config().K
     (tmp_path / "config.json").write_text(json.dumps({**saved, "pcnn_middle_codes": 256}))
     assert runs.load_config(str(tmp_path))["pcnn_middle_codes"] == 256

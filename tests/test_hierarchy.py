@@ -9,14 +9,14 @@ import hierarchy
 
 
 def random_prior(num_embeddings=6, latent_dim=3, top_embeddings=4, factor=2, scale=0.4, position_bins=0,
-                 middle_embeddings=0, top_temperature=1.0):
+                 middle_embeddings=0, top_temperature=1.0, bottom_temperature=1.0):
     keras.utils.set_random_seed(0)
     settings = dict(filters=8, num_layers=3, kernel_size=3, first_kernel_size=5)
     below = dict(settings, condition_blocks=2)
     prior = hierarchy.HierarchicalPrior(num_embeddings, latent_dim, top_embeddings, factor, top=settings,
                                         bottom=below, position_bins=position_bins,
                                         middle_embeddings=middle_embeddings, middle=below,
-                                        top_temperature=top_temperature)
+                                        top_temperature=top_temperature, bottom_temperature=bottom_temperature)
     rng = np.random.default_rng(1)
     for weight in prior.trainable_weights:
         weight.assign(rng.normal(0, scale, weight.shape).astype(np.float32))
@@ -223,3 +223,26 @@ def test_top_grid_is_drawn_at_the_priors_own_temperature(tmp_path):
     assert keras.models.load_model(path).top_temperature == pytest.approx(1e-4)
     with pytest.raises(ValueError, match="top_temperature must be > 0"):
         hierarchy.HierarchicalPrior(6, 3, 4, 2, top_temperature=0)
+
+
+def test_codes_are_drawn_at_the_priors_bottom_temperature(tmp_path):
+    """`bottom_temperature` scales the codes' temperature only: near zero, the codes are the
+    most likely ones given the grid above (the same for two seeds that draw the same grids
+    above), while the middle grid, at the asked temperature, still varies; it is saved."""
+    prior = random_prior(top_embeddings=3, factor=4, scale=0.1, middle_embeddings=5, top_temperature=1e-4,
+                         bottom_temperature=1e-4)
+    sampler = hierarchy.sampler_for(prior, 4, 8, 8)
+    draws = []
+    for seed in (1, 2):
+        codes = sampler.sample(1.0, seed=seed).numpy()
+        draws.append(([grid.numpy() for grid in sampler.grids], codes))
+    (grids_1, codes_1), (grids_2, codes_2) = draws
+    np.testing.assert_array_equal(grids_1[0], grids_2[0])  # the top grid: cold
+    assert not np.array_equal(grids_1[1], grids_2[1])  # the middle grid: at temperature 1
+    again = sampler.sample(1.0, seed=3, above=grids_1[:2]).numpy()  # the same grids above, another seed
+    np.testing.assert_array_equal(again, codes_1)
+    path = str(tmp_path / "prior.keras")
+    prior.save(path)
+    assert keras.models.load_model(path).bottom_temperature == pytest.approx(1e-4)
+    with pytest.raises(ValueError, match="bottom_temperature must be > 0"):
+        hierarchy.HierarchicalPrior(6, 3, 4, 2, bottom_temperature=-1)
