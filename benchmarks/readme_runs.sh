@@ -23,6 +23,9 @@ python benchmarks/sample_positions.py --run "$OUT-oasis-position-mirror" --out r
 python driver.py evaluate --run "$OUT-oasis-default"
 python benchmarks/levels.py --run "$OUT-oasis-default" --samples 160 --top-temperatures 1.0 0.7 \
     --json "$OUT-oasis-default/levels.json"
+# ... and the codes drawn cooler (the README's bottom-temperature table: seed 0).
+python benchmarks/levels.py --run "$OUT-oasis-default" --samples 160 --top-temperatures 0.7 \
+    --bottom-temperatures 0.8 0.6 --seed 0 --json "$OUT-oasis-default/levels_bottom.json"
 time python driver.py sample --run "$OUT-oasis-default" --n 16
 # Issue 15: the VQ-VAE variants, 15 epochs each, and the training step's throughput.
 for variant in "batch:--norm batch --ssim-weight 0 --weights-ema 0" "group:--norm group --ssim-weight 0 --weights-ema 0" \
