@@ -221,8 +221,8 @@ def test_multiworker_strategy_runs_as_a_single_worker(oasis_root, tmp_path):
 
 def test_hierarchical_prior_run_samples_and_reloads(oasis_root, tmp_path):
     """A tiny run of the hierarchical prior, its top grid conditioned on the slice position
-    (one run for both: the unconditioned default differs only in building no position
-    input, which tests/test_hierarchy.py covers)."""
+    (the unconditioned default differs in building no position input: its sampler is covered
+    in tests/test_hierarchy.py, its `sample --position` error below, without a run)."""
     import hierarchy
 
     run = str(tmp_path / "run")
@@ -251,6 +251,18 @@ def test_hierarchical_prior_run_samples_and_reloads(oasis_root, tmp_path):
     assert images.shape == (2, 32, 32, 1) and os.path.exists(os.path.join(run, "samples-seed0-position0.4",
                                                                           "sample_001.png"))
     assert "--position must be between 0 and 1, got 1.5" in run_error(["sample", "--run", run, "--position", "1.5"])
+
+
+def test_sampling_at_a_position_needs_a_prior_trained_with_positions(tmp_path):
+    """The default hierarchical prior (no position bins), saved untrained beside a VQ-VAE."""
+    import train
+
+    config = driver.Config(K=8, D=4, filters=[4, 8], res_blocks=1, pcnn_top_codes=4, pcnn_top_filters=8,
+                           pcnn_top_layers=2, pcnn_middle_codes=6, pcnn_filters=8, pcnn_layers=2)
+    (tmp_path / "config.json").write_text(json.dumps({**dataclasses.asdict(config), "image_size": [32, 32]}))
+    train.build_vqvae(config).save(str(tmp_path / "vqvae.keras"))
+    train.build_prior(config).save(str(tmp_path / "pixelcnn.keras"))
+    assert "trained without slice positions" in run_error(["sample", "--run", str(tmp_path), "--position", "0.5"])
 
 
 def test_a_run_made_before_the_middle_grid_reloads_as_it_was(tmp_path):
