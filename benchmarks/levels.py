@@ -2,7 +2,7 @@
 down, given the real grids above it, against real test slices.
 
     python benchmarks/levels.py --run RUN [--samples 160] [--top-temperatures 1.0 0.7]
-                                [--bottom-temperatures 0.8 0.6]
+                                [--bottom-temperatures 0.8 0.6] [--given middle bottom] [--no-controls] [--no-nearest]
 
 For a run with a hierarchical prior, takes --samples test slices spread over the test split
 and their grids at every level (C2ST needs 150+ slices to mean much). For each level, it
@@ -14,7 +14,11 @@ nearest-train and pairwise SSIM. Whole samples (drawn from the top) are scored a
 --bottom-temperatures value (the codes' temperature; the top grid at the first
 --top-temperatures value, a middle grid at 1). A level whose
 row is far worse than the row below it is where the prior loses the anatomy. The real slices,
-their reconstructions and the validation-vs-test control come first.
+their reconstructions and the validation-vs-test control come first (--no-controls skips
+them, e.g. for a second run on the same VQ-VAE and data, whose controls are the same).
+--given picks the rows drawn given real grids (by the first level drawn: middle, bottom;
+default all), and --no-nearest skips the nearest-train SSIM, the slowest score (every slice
+against every training slice: about 8 minutes a row at 256x256 on a slow 2-core day).
 """
 
 import argparse
@@ -31,12 +35,12 @@ import table  # noqa: E402
 
 def scores(name, images, test, train_batches, seed, c2st=True):
     """One table row of realism figures of (N, H, W) slices in [0, 1] against the test slices
-    (no C2ST for the test slices themselves)."""
+    (no C2ST for the test slices themselves; no nearest-train SSIM without `train_batches`)."""
     import evaluate
     import realism
 
     start = time.time()
-    nearest, _, _ = evaluate.nearest_neighbours(images, train_batches())
+    nearest = evaluate.nearest_neighbours(images, train_batches())[0] if train_batches else np.array(np.nan)
     row = {"slices": name, "c2st": realism.c2st_accuracy(images, test, seed=seed) if c2st else float("nan"),
            **realism.anatomy_statistics(images), "nearest_train_ssim": float(nearest.mean()),
            "pairwise_ssim": evaluate.mean_pairwise_ssim(images)}
@@ -52,6 +56,12 @@ def main():
                         help="temperatures of the top grid for whole samples (default: 1.0)")
     parser.add_argument("--bottom-temperatures", type=float, nargs="*", default=[],
                         help="temperatures of the codes for whole samples (default: none)")
+    parser.add_argument("--given", nargs="*", default=None, metavar="LEVEL",
+                        help="rows drawn given the real grids above LEVEL (default: every level but the top)")
+    parser.add_argument("--controls", action=argparse.BooleanOptionalAction, default=True,
+                        help="score the real slices, their reconstructions and the validation control")
+    parser.add_argument("--nearest", action=argparse.BooleanOptionalAction, default=True,
+                        help="score the nearest-train SSIM (slow)")
     parser.add_argument("--seed", type=int, default=0, help="sampling and C2ST seed")
     parser.add_argument("--json", help="also write the table here")
     args = parser.parse_args()
@@ -76,15 +86,22 @@ def main():
     real = [grid.numpy() for grid in prior.level_codes(codes[pick])] + [codes[pick]]
     sampler = hierarchy.HierarchicalSampler(prior, len(pick), *codes.shape[1:])
     decode = lambda grid: np.clip(model.decode(grid).numpy()[..., 0] - model.shift, 0, 1)  # noqa: E731
-    train_batches = lambda: (images.numpy() - model.shift for images in splits["train"].rebatch(256))  # noqa: E731
+    train_batches = args.nearest and (  # noqa: E731
+        lambda: (images.numpy() - model.shift for images in splits["train"].rebatch(256)))
+    given = prior.names[1:] if args.given is None else args.given
+    unknown = [name for name in given if name not in prior.names[1:]]
+    if unknown:
+        sys.exit(f"levels.py: --given {' '.join(unknown)}: expected levels of {' '.join(prior.names[1:])}")
 
-    control = evaluate.split_images(splits["validate"], model.shift)
-    rows = [scores("real test slices", test[pick], test, train_batches, args.seed, c2st=False),
-            scores("their reconstructions", decode(codes[pick]), test, train_batches, args.seed),
-            scores("validation slices (control)", control, test, train_batches, args.seed)]
+    rows = []
+    if args.controls:
+        control = evaluate.split_images(splits["validate"], model.shift)
+        rows = [scores("real test slices", test[pick], test, train_batches, args.seed, c2st=False),
+                scores("their reconstructions", decode(codes[pick]), test, train_batches, args.seed),
+                scores("validation slices (control)", control, test, train_batches, args.seed)]
     top = args.top_temperatures[0]
     runs_of = ([(0, t, 1.0) for t in args.top_temperatures] + [(0, top, t) for t in args.bottom_temperatures]
-               + [(level, 1.0, 1.0) for level in range(1, len(prior.names))])
+               + [(prior.names.index(name), 1.0, 1.0) for name in given])
     for start, top_temperature, bottom_temperature in runs_of:
         # The top grid and the codes at these temperatures, a middle grid at 1.
         prior.top_temperature, prior.bottom_temperature = top_temperature, bottom_temperature
