@@ -27,6 +27,13 @@ python benchmarks/levels.py --run "$OUT-oasis-default" --samples 160 --top-tempe
 python benchmarks/levels.py --run "$OUT-oasis-default" --samples 160 --top-temperatures 0.7 \
     --bottom-temperatures 0.8 0.6 --seed 0 --json "$OUT-oasis-default/levels_bottom.json"
 time python driver.py sample --run "$OUT-oasis-default" --n 16
+# ... and the same run with a 6-layer bottom PixelCNN (the README's deeper-bottom tables; the
+# default run there was a second one, 2026-12-03).
+python benchmarks/retrain_level.py --run "$OUT-oasis-default" --out "$OUT-oasis-bottom6" --level bottom --set pcnn_layers=6
+for seed in 0 1; do
+    python benchmarks/levels.py --run "$OUT-oasis-default" --top-temperatures 0.7 --given bottom --no-nearest --seed $seed
+    python benchmarks/levels.py --run "$OUT-oasis-bottom6" --top-temperatures 0.7 --given bottom --no-nearest --seed $seed
+done
 # Issue 15: the VQ-VAE variants, 15 epochs each, and the training step's throughput.
 for variant in "batch:--norm batch --ssim-weight 0 --weights-ema 0" "group:--norm group --ssim-weight 0 --weights-ema 0" \
                "batch-ssim:--norm batch --weights-ema 0" "group-ssim:--weights-ema 0" "default:"; do
