@@ -15,7 +15,7 @@ with `driver.py --resume NEW`, which loads the finished stages and trains the mi
 training settings (pcnn_filters, pcnn_layers, pcnn_head_units, pcnn_epochs for the bottom;
 pcnn_top_* for the top, pcnn_middle_epochs for the middle, ...). Settings that change the
 code grids themselves (the level codebooks' sizes and factors, mirroring, position bins,
-the VQ-VAE's) need a new run and are refused.
+every VQ-VAE and data setting) need a new run and are refused.
 """
 
 import argparse
@@ -26,8 +26,10 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 GRID_KEYS = ("pcnn_top_codes", "pcnn_top_factor", "pcnn_middle_codes", "pcnn_middle_factor", "pcnn_mirror",
-             "pcnn_position_bins", "pcnn_variant", "K", "D", "filters", "image_size", "data", "seed")
+             "pcnn_position_bins", "pcnn_variant")
+SAMPLING_KEYS = ("samples", "temperature")
 
 
 def parse_setting(text, saved):
@@ -35,26 +37,26 @@ def parse_setting(text, saved):
     key, sep, value = text.partition("=")
     if not sep or key not in saved:
         raise SystemExit(f"retrain_level.py: error: --set {text!r}: expected KEY=VALUE with KEY a key of config.json")
-    if key in GRID_KEYS:
-        raise SystemExit(f"retrain_level.py: error: --set {key} changes the code grids; train a new run instead")
+    if key in GRID_KEYS or not (key.startswith("pcnn_") or key in SAMPLING_KEYS):
+        raise SystemExit(f"retrain_level.py: error: --set {key}: not a prior setting, or one that changes the "
+                         "code grids; train a new run instead")
+    if isinstance(saved[key], str):
+        return key, value
     try:
         return key, type(saved[key])(json.loads(value)) if saved[key] is not None else json.loads(value)
     except (ValueError, TypeError):
-        raise SystemExit(f"retrain_level.py: error: --set {text!r}: {value!r} is not a {type(saved[key]).__name__}")
+        raise SystemExit(f"retrain_level.py: error: --set {text!r}: expected a {type(saved[key]).__name__}, like the run's {saved[key]!r}")
 
 
 def forget_prior_scores(path):
     """Drop the old prior's figures (training and `driver.py evaluate`'s) from a metrics.json,
     so that the resumed run trains the prior again and no stale score is left beside it."""
-    sys.path.insert(0, ROOT)
+    import files
     from evaluate import SAMPLE_KEYS
 
-    with open(path) as f:
-        metrics = json.load(f)
     stale = set(SAMPLE_KEYS) | {"log2_K", "sampling_seconds", "evaluation_seconds", "evaluated_data"}
-    with open(path, "w") as f:
-        json.dump({key: value for key, value in metrics.items() if key not in stale and not key.startswith("prior_")},
-                  f, indent=2)
+    files.write_json(path, {key: value for key, value in files.read_json(path).items()
+                            if key not in stale and not key.startswith("prior_")})
 
 
 def main():
@@ -76,13 +78,13 @@ def main():
     changes = dict(parse_setting(text, saved) for text in args.set)
 
     dropped = {f"prior_{args.level}.keras", f"prior_{args.level}_history.csv", f"prior_{args.level}_loss.png",
-               "pixelcnn.keras", "samples", "report.html",
-               "samples_nearest.png"}
+               "pixelcnn.keras", "samples", "report.html", "samples_nearest.png"}
     shutil.copytree(args.run, args.out, ignore=lambda folder, names: [
         name for name in names if (folder == args.run and name in dropped)
         or os.path.basename(folder) in ("backup", "logs") and name == f"prior_{args.level}"])
-    with open(os.path.join(args.out, "config.json"), "w") as f:
-        json.dump({**saved, **changes, "out": os.path.abspath(args.out)}, f, indent=2)
+    import files
+
+    files.write_json(os.path.join(args.out, "config.json"), {**saved, **changes, "out": os.path.abspath(args.out)})
     forget_prior_scores(os.path.join(args.out, "metrics.json"))
     print(f"retraining the {args.level} level of {args.run} in {args.out} with "
           + (", ".join(f"{key}={value}" for key, value in changes.items()) or "the same settings"), flush=True)
