@@ -45,7 +45,8 @@ def parse_setting(text, saved):
     try:
         return key, type(saved[key])(json.loads(value)) if saved[key] is not None else json.loads(value)
     except (ValueError, TypeError):
-        raise SystemExit(f"retrain_level.py: error: --set {text!r}: expected a {type(saved[key]).__name__}, like the run's {saved[key]!r}")
+        raise SystemExit(f"retrain_level.py: error: --set {text!r}: expected a value like the run's "
+                         f"{saved[key]!r} ({type(saved[key]).__name__})")
 
 
 def forget_prior_scores(path):
