@@ -40,9 +40,9 @@ def scores(name, images, test, train_batches, seed, c2st=True):
     import realism
 
     start = time.time()
-    nearest = evaluate.nearest_neighbours(images, train_batches())[0] if train_batches else np.array(np.nan)
+    nearest = float(evaluate.nearest_neighbours(images, train_batches())[0].mean()) if train_batches else float("nan")
     row = {"slices": name, "c2st": realism.c2st_accuracy(images, test, seed=seed) if c2st else float("nan"),
-           **realism.anatomy_statistics(images), "nearest_train_ssim": float(nearest.mean()),
+           **realism.anatomy_statistics(images), "nearest_train_ssim": nearest,
            "pairwise_ssim": evaluate.mean_pairwise_ssim(images)}
     print(f"{name}: C2ST {row['c2st']:.3f}, symmetry {row['symmetry']:.3f} ({time.time() - start:.0f} s)", flush=True)
     return row
@@ -86,8 +86,8 @@ def main():
     real = [grid.numpy() for grid in prior.level_codes(codes[pick])] + [codes[pick]]
     sampler = hierarchy.HierarchicalSampler(prior, len(pick), *codes.shape[1:])
     decode = lambda grid: np.clip(model.decode(grid).numpy()[..., 0] - model.shift, 0, 1)  # noqa: E731
-    train_batches = args.nearest and (  # noqa: E731
-        lambda: (images.numpy() - model.shift for images in splits["train"].rebatch(256)))
+    train_batches = (lambda: (images.numpy() - model.shift for images in splits["train"].rebatch(256))
+                     ) if args.nearest else None  # noqa: E731
     given = prior.names[1:] if args.given is None else args.given
     unknown = [name for name in given if name not in prior.names[1:]]
     if unknown:

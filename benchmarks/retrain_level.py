@@ -27,6 +27,10 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+import files  # noqa: E402
+import runs  # noqa: E402
+
 GRID_KEYS = ("pcnn_top_codes", "pcnn_top_factor", "pcnn_middle_codes", "pcnn_middle_factor", "pcnn_mirror",
              "pcnn_position_bins", "pcnn_variant")
 SAMPLING_KEYS = ("samples", "temperature")
@@ -52,7 +56,6 @@ def parse_setting(text, saved):
 def forget_prior_scores(path):
     """Drop the old prior's figures (training and `driver.py evaluate`'s) from a metrics.json,
     so that the resumed run trains the prior again and no stale score is left beside it."""
-    import files
     from evaluate import SAMPLE_KEYS
 
     stale = set(SAMPLE_KEYS) | {"log2_K", "sampling_seconds", "evaluation_seconds", "evaluated_data"}
@@ -68,14 +71,20 @@ def main():
     parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="config.json settings to change")
     args = parser.parse_args()
 
-    config_path = os.path.join(args.run, "config.json")
-    if not os.path.exists(config_path) or not os.path.exists(os.path.join(args.run, f"prior_{args.level}.keras")):
-        sys.exit(f"retrain_level.py: error: --run {args.run}: no config.json or prior_{args.level}.keras "
+    import quiet
+
+    quiet.hide_tensorflow_logs()
+    from data import DataError
+
+    try:
+        saved = runs.load_config(args.run)
+    except DataError as error:
+        sys.exit(f"retrain_level.py: error: {error}")
+    if not os.path.exists(os.path.join(args.run, f"prior_{args.level}.keras")):
+        sys.exit(f"retrain_level.py: error: --run {args.run}: no prior_{args.level}.keras "
                  "(a finished run with a hierarchical prior was expected)")
     if os.path.exists(args.out):
         sys.exit(f"retrain_level.py: error: --out {args.out} already exists")
-    with open(config_path) as f:
-        saved = json.load(f)
     changes = dict(parse_setting(text, saved) for text in args.set)
 
     dropped = {f"prior_{args.level}.keras", f"prior_{args.level}_history.csv", f"prior_{args.level}_loss.png",
@@ -83,8 +92,6 @@ def main():
     shutil.copytree(args.run, args.out, ignore=lambda folder, names: [
         name for name in names if (folder == args.run and name in dropped)
         or os.path.basename(folder) in ("backup", "logs") and name == f"prior_{args.level}"])
-    import files
-
     files.write_json(os.path.join(args.out, "config.json"), {**saved, **changes, "out": os.path.abspath(args.out)})
     forget_prior_scores(os.path.join(args.out, "metrics.json"))
     print(f"retraining the {args.level} level of {args.run} in {args.out} with "
