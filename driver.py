@@ -74,6 +74,7 @@ class Config:
     pcnn_top_filters: int = option(48, "hierarchical prior: channels of the top PixelCNN (its head is 4x as wide)")
     pcnn_top_layers: int = option(12, "hierarchical prior: gated layers of the top PixelCNN")
     pcnn_top_epochs: int = option(12, "hierarchical prior: training epochs of the top PixelCNN")
+    pcnn_top_shift: int = option(0, "hierarchical prior: the top PixelCNN also trains on the grids moved <= N codes")
     pcnn_middle_codes: int = option(256, "hierarchical prior: codes of a middle grid between the top grid and the "
                                          "codes (0 = two levels); its PixelCNN has the top one's settings")
     pcnn_middle_factor: int = option(2, "hierarchical prior: the side of the middle grid's blocks, in codes")
@@ -180,7 +181,7 @@ MINIMUM = dict(K=2, D=1, epochs=1, batch_size=1, beta=0, ssim_weight=0, dead_cod
                max_minutes=0, grid_every=0, volume_index=0, pcnn_epochs=0, pcnn_filters=2, pcnn_res_blocks=0,
                pcnn_batch_size=1, samples=0, pcnn_top_codes=2, pcnn_top_factor=2, pcnn_top_filters=2,
                pcnn_top_layers=1, pcnn_top_epochs=1, pcnn_position_bins=0, pcnn_condition_blocks=0,
-               pcnn_middle_codes=0, pcnn_middle_factor=2, pcnn_middle_epochs=1)
+               pcnn_middle_codes=0, pcnn_middle_factor=2, pcnn_middle_epochs=1, pcnn_top_shift=0)
 POSITIVE = ("learning_rate", "pcnn_learning_rate", "temperature", "pcnn_top_temperature", "pcnn_bottom_temperature")
 CHOICES = dict(codebook_init=("kmeans", "uniform"), norm=("batch", "group", "none"),
                pcnn_variant=("plain", "gated", "hierarchical"), strategy=("default", "mirrored", "multiworker"))

@@ -23,7 +23,7 @@ def require_folder(path, flag="--data"):
 # Settings added after a run may have been made, with the value that run used: a config.json
 # without them still resumes and reloads as the run it was (two levels, no condition blocks).
 EARLIER_SETTINGS = dict(pcnn_middle_codes=0, pcnn_condition_blocks=0, pcnn_top_temperature=1.0,
-                        pcnn_bottom_temperature=1.0)
+                        pcnn_bottom_temperature=1.0, pcnn_top_shift=0)
 
 
 def load_config(run_dir, flag="--run"):

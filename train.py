@@ -401,13 +401,16 @@ def training_grids(codes, positions, mirror):
     return grids, positions
 
 
-def code_dataset(grids, batch_size, shuffle=False, seed=0, condition=None, hidden_share=0.0):
+def code_dataset(grids, batch_size, shuffle=False, seed=0, condition=None, hidden_share=0.0, epoch_size=None):
     """(codes, codes) batches of (N, h, w) code grids: a PixelCNN predicts its own input
     (((codes, condition), codes) for a conditional one, whose condition is replaced by class
-    0, "unknown", for a random `hidden_share` of the grids, anew each epoch)."""
+    0, "unknown", for a random `hidden_share` of the grids, anew each epoch). With
+    `epoch_size`, each pass (epoch) is that many grids drawn anew from the shuffled N."""
     dataset = tf.data.Dataset.from_tensor_slices((grids if condition is None else (grids, condition), grids))
     if shuffle:
         dataset = dataset.shuffle(len(grids), seed=seed)
+    if epoch_size:
+        dataset = dataset.take(epoch_size)
     if hidden_share and condition is not None:
         def hide(inputs, target, draw):
             hidden = tf.cast(draw % 1000, tf.float32) < 1000 * hidden_share
@@ -450,10 +453,12 @@ def train_prior(config, model, ordered, run_dir, strategy, positions=None):
     }, codes
 
 
-def fit_prior(network, config, grids, run_dir, name, epochs, log_name, condition=None, hidden_share=0.0):
+def fit_prior(network, config, grids, run_dir, name, epochs, log_name, condition=None, hidden_share=0.0,
+              epoch_size=None):
     """Fit one PixelCNN to {split: grids} (given {split: condition grids}, if conditional,
-    hidden for `hidden_share` of the training grids) and return its best checkpoint,
-    RUN/<name>.keras. A fit a killed run finished is loaded."""
+    hidden for `hidden_share` of the training grids; each epoch `epoch_size` of the training
+    grids, if given) and return its best checkpoint, RUN/<name>.keras. A fit a killed run
+    finished is loaded."""
     path, history_file = os.path.join(run_dir, f"{name}.keras"), f"{name}_history.csv"
     finished = len(read_history_rows(os.path.join(run_dir, history_file))) == epochs
     if finished and os.path.exists(path) and not os.path.exists(os.path.join(run_dir, "backup", name)):
@@ -463,7 +468,8 @@ def fit_prior(network, config, grids, run_dir, name, epochs, log_name, condition
 
     def dataset(split, shuffle=False):
         return code_dataset(grids[split], config.pcnn_batch_size, shuffle, config.seed,
-                            None if condition is None else condition[split], hidden_share if shuffle else 0.0)
+                            None if condition is None else condition[split], hidden_share if shuffle else 0.0,
+                            epoch_size if shuffle else None)
 
     stage_callbacks = [callbacks.CosineLearningRate(config.pcnn_learning_rate, epochs),
                  callbacks.BitsPerCode(read_history(os.path.join(run_dir, history_file)),
@@ -508,8 +514,35 @@ def fit_hierarchy(prior, config, model, codes, grids, run_dir, positions):
     for index, (name, network) in enumerate(zip(prior.names, prior.networks)):
         level_grids = grids if name == "bottom" else {split: levels[split][index] for split in data.SPLITS}
         hidden = hierarchy.HIDDEN_POSITION_SHARE if index == 0 and by_position else 0.0
-        network.set_weights(fit_prior(network, config, level_grids, run_dir, f"prior_{name}", epochs[name],
-                                      f"prior_{name}", condition, hidden).get_weights())
+        top_inputs, top_condition, epoch_size = level_grids, condition, None
+        if index == 0 and config.pcnn_top_shift:
+            top_inputs, top_condition = shifted_top_grids(prior, grids, level_grids, condition, config.pcnn_top_shift)
+            epoch_size = len(grids["train"])
+        network.set_weights(fit_prior(network, config, top_inputs, run_dir, f"prior_{name}", epochs[name],
+                                      f"prior_{name}", top_condition, hidden, epoch_size).get_weights())
         condition = level_grids
     files.atomic_write(os.path.join(run_dir, "pixelcnn.keras"), prior.save)
     return prior
+
+
+def shifted_top_grids(prior, grids, top_grids, condition, shift):
+    """The top PixelCNN's training data with the training code grids also moved by every
+    (dy, dx) of up to `shift` codes (the top grid of each moved grid, taken as every level
+    is; the codes are rolled, so a head needs `shift` codes of background at its edges):
+    (2 shift + 1)^2 times the top grids, each with its slice's condition, for a top prior
+    that sees each head at several places in its coarse blocks. Validation and test grids
+    stay as they are."""
+    train, moved = grids["train"], []
+    for dy in range(-shift, shift + 1):
+        for dx in range(-shift, shift + 1):
+            if (dy, dx) == (0, 0):
+                moved.append(top_grids["train"])
+                continue
+            rolled = np.roll(train, (dy, dx), axis=(1, 2))
+            moved.append(np.concatenate([prior.top_codes(rolled[i: i + 256]).numpy()
+                                         for i in range(0, len(rolled), 256)]))
+    copies = len(moved)
+    top_grids = dict(top_grids, train=np.concatenate(moved))
+    if condition is not None:
+        condition = dict(condition, train=np.concatenate([condition["train"]] * copies))
+    return top_grids, condition

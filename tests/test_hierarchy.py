@@ -134,6 +134,29 @@ def test_training_hides_the_position_of_a_share_of_grids_anew_each_epoch():
     assert all(inputs.shape == (100, 2, 2) for inputs, _ in plain)
 
 
+def test_top_prior_learns_from_shifted_grids_a_new_draw_each_epoch():
+    import train
+
+    prior = random_prior()
+    rng = np.random.default_rng(4)
+    codes = {split: rng.integers(0, 6, (n, 8, 8)).astype(np.int32) for split, n in (("train", 5), ("validate", 3))}
+    tops = {split: prior.top_codes(grids).numpy() for split, grids in codes.items()}
+    positions = {split: np.arange(len(grids))[:, None, None] for split, grids in codes.items()}
+    moved, condition = train.shifted_top_grids(prior, codes, tops, positions, 1)
+    assert moved["train"].shape == (9 * 5, 4, 4) and condition["train"].shape == (9 * 5, 1, 1)
+    np.testing.assert_array_equal(moved["validate"], tops["validate"])  # only the training grids move
+    copies = moved["train"].reshape(9, 5, 4, 4)  # shifts in order (-1, -1), (-1, 0), ... (1, 1)
+    np.testing.assert_array_equal(copies[4], tops["train"])
+    np.testing.assert_array_equal(copies[8], prior.top_codes(np.roll(codes["train"], (1, 1), axis=(1, 2))).numpy())
+    assert not np.array_equal(copies[0], copies[8])
+    np.testing.assert_array_equal(condition["train"].reshape(9, 5), np.tile(np.arange(5), (9, 1)))
+
+    ids = np.arange(90, dtype=np.int32)[:, None, None] * np.ones((1, 2, 2), np.int32)
+    dataset = train.code_dataset(ids, 10, shuffle=True, seed=0, epoch_size=30)
+    epochs = [np.concatenate([inputs.numpy()[:, 0, 0] for inputs, _ in dataset]) for _ in range(2)]
+    assert [len(set(epoch)) for epoch in epochs] == [30, 30] and set(epochs[0]) != set(epochs[1])
+
+
 def test_prior_grids_follow_the_cache_order_and_add_mirrored_slices(tmp_path):
     """The training grids line up with the slices' positions (the shuffled training split
     would not), and mirroring adds each training slice flipped left to right."""
