@@ -34,6 +34,13 @@ for seed in 0 1; do
     python benchmarks/levels.py --run "$OUT-oasis-default" --top-temperatures 0.7 --given bottom --no-nearest --seed $seed
     python benchmarks/levels.py --run "$OUT-oasis-bottom6" --top-temperatures 0.7 --given bottom --no-nearest --seed $seed
 done
+# ... and the same run with the top PixelCNN trained on moved grids (the README's top-shift
+# tables; the default run there was a third one, 2026-12-04).
+python benchmarks/retrain_level.py --run "$OUT-oasis-default" --out "$OUT-oasis-topshift1" --level top --set pcnn_top_shift=1
+for seed in 0 1; do
+    python benchmarks/levels.py --run "$OUT-oasis-default" --top-temperatures 1.0 0.7 --given --no-nearest --no-controls --seed $seed
+    python benchmarks/levels.py --run "$OUT-oasis-topshift1" --top-temperatures 1.0 0.7 --given --no-nearest --no-controls --seed $seed
+done
 # Issue 15: the VQ-VAE variants, 15 epochs each, and the training step's throughput.
 for variant in "batch:--norm batch --ssim-weight 0 --weights-ema 0" "group:--norm group --ssim-weight 0 --weights-ema 0" \
                "batch-ssim:--norm batch --weights-ema 0" "group-ssim:--weights-ema 0" "default:"; do
