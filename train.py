@@ -499,9 +499,7 @@ def fit_hierarchy(prior, config, model, codes, grids, run_dir, positions):
         prior.fit_codebooks(model.quantizer.codebook.numpy(), grids["train"])
         codes.update({f"{name}_codebook": centres.numpy() for name, _, centres, _ in prior.levels})
         files.atomic_write(os.path.join(run_dir, "codes.npz"), lambda path: np.savez_compressed(path, **codes))
-    levels = {split: [np.concatenate(parts) for parts in zip(*(
-        [grid.numpy() for grid in prior.level_codes(grids[split][i: i + 256])] for i in range(0, len(grids[split]), 256)))]
-        for split in data.SPLITS}
+    levels = {split: coarser_grids(prior, grids[split]) for split in data.SPLITS}
     by_position = None
     if prior.position_bins:
         prior.count_positions(positions["train"])
@@ -514,12 +512,12 @@ def fit_hierarchy(prior, config, model, codes, grids, run_dir, positions):
     for index, (name, network) in enumerate(zip(prior.names, prior.networks)):
         level_grids = grids if name == "bottom" else {split: levels[split][index] for split in data.SPLITS}
         hidden = hierarchy.HIDDEN_POSITION_SHARE if index == 0 and by_position else 0.0
-        top_inputs, top_condition, epoch_size = level_grids, condition, None
+        fit_grids, fit_condition, epoch_size = level_grids, condition, None
         if index == 0 and config.pcnn_top_shift:
-            top_inputs, top_condition = shifted_top_grids(prior, grids, level_grids, condition, config.pcnn_top_shift)
+            fit_grids, fit_condition = shifted_top_grids(prior, grids, level_grids, condition, config.pcnn_top_shift)
             epoch_size = len(grids["train"])
-        network.set_weights(fit_prior(network, config, top_inputs, run_dir, f"prior_{name}", epochs[name],
-                                      f"prior_{name}", top_condition, hidden, epoch_size).get_weights())
+        network.set_weights(fit_prior(network, config, fit_grids, run_dir, f"prior_{name}", epochs[name],
+                                      f"prior_{name}", fit_condition, hidden, epoch_size).get_weights())
         condition = level_grids
     files.atomic_write(os.path.join(run_dir, "pixelcnn.keras"), prior.save)
     return prior
@@ -532,17 +530,17 @@ def shifted_top_grids(prior, grids, top_grids, condition, shift):
     (2 shift + 1)^2 times the top grids, each with its slice's condition, for a top prior
     that sees each head at several places in its coarse blocks. Validation and test grids
     stay as they are."""
-    train, moved = grids["train"], []
-    for dy in range(-shift, shift + 1):
-        for dx in range(-shift, shift + 1):
-            if (dy, dx) == (0, 0):
-                moved.append(top_grids["train"])
-                continue
-            rolled = np.roll(train, (dy, dx), axis=(1, 2))
-            moved.append(np.concatenate([prior.top_codes(rolled[i: i + 256]).numpy()
-                                         for i in range(0, len(rolled), 256)]))
+    moves = range(-shift, shift + 1)
+    moved = [coarser_grids(prior, np.roll(grids["train"], (dy, dx), axis=(1, 2)))[0] for dy in moves for dx in moves]
     copies = len(moved)
     top_grids = dict(top_grids, train=np.concatenate(moved))
     if condition is not None:
         condition = dict(condition, train=np.concatenate([condition["train"]] * copies))
     return top_grids, condition
+
+
+def coarser_grids(prior, codes, batch_size=256):
+    """(N, h, w) codes -> each coarser level's (N, h', w') grids as arrays, coarsest first
+    (`HierarchicalPrior.level_codes` in batches)."""
+    batches = [prior.level_codes(codes[start: start + batch_size]) for start in range(0, len(codes), batch_size)]
+    return [np.concatenate([grid.numpy() for grid in level]) for level in zip(*batches)]
