@@ -74,10 +74,13 @@ class Config:
     pcnn_top_filters: int = option(48, "hierarchical prior: channels of the top PixelCNN (its head is 4x as wide)")
     pcnn_top_layers: int = option(12, "hierarchical prior: gated layers of the top PixelCNN")
     pcnn_top_epochs: int = option(12, "hierarchical prior: training epochs of the top PixelCNN")
+    pcnn_top_dropout: float = option(0.0, "hierarchical prior: share of each gated layer's output the top PixelCNN "
+                                          "drops in training (a regulariser for its few grids)")
     pcnn_top_shift: int = option(0, "hierarchical prior: the top PixelCNN also trains on the grids moved <= N codes")
     pcnn_middle_codes: int = option(256, "hierarchical prior: codes of a middle grid between the top grid and the "
-                                         "codes (0 = two levels); its PixelCNN has the top one's settings")
+                                         "codes (0 = two levels); its PixelCNN has the top one's channels")
     pcnn_middle_factor: int = option(2, "hierarchical prior: the side of the middle grid's blocks, in codes")
+    pcnn_middle_layers: int = option(6, "hierarchical prior: gated layers of the middle PixelCNN (0 = --pcnn-top-layers)")
     pcnn_middle_epochs: int = option(12, "hierarchical prior: training epochs of the middle PixelCNN")
     pcnn_condition_blocks: int = option(4, "hierarchical prior: residual 3x3 convolutions that read the grid above "
                                            "around each block for the finer PixelCNNs (0 = its own cell only)")
@@ -181,7 +184,8 @@ MINIMUM = dict(K=2, D=1, epochs=1, batch_size=1, beta=0, ssim_weight=0, dead_cod
                max_minutes=0, grid_every=0, volume_index=0, pcnn_epochs=0, pcnn_filters=2, pcnn_res_blocks=0,
                pcnn_batch_size=1, samples=0, pcnn_top_codes=2, pcnn_top_factor=2, pcnn_top_filters=2,
                pcnn_top_layers=1, pcnn_top_epochs=1, pcnn_position_bins=0, pcnn_condition_blocks=0,
-               pcnn_middle_codes=0, pcnn_middle_factor=2, pcnn_middle_epochs=1, pcnn_top_shift=0)
+               pcnn_middle_codes=0, pcnn_middle_factor=2, pcnn_middle_epochs=1, pcnn_top_shift=0,
+               pcnn_middle_layers=0)
 POSITIVE = ("learning_rate", "pcnn_learning_rate", "temperature", "pcnn_top_temperature", "pcnn_bottom_temperature")
 CHOICES = dict(codebook_init=("kmeans", "uniform"), norm=("batch", "group", "none"),
                pcnn_variant=("plain", "gated", "hierarchical"), strategy=("default", "mirrored", "multiworker"))
@@ -214,6 +218,7 @@ def validate(c):
                                                                     f">= 0 for the plain one, got {c.pcnn_layers}"),
         (c.pcnn_head_units >= 0, f"--pcnn-head-units must be >= 0 (0 = --pcnn-filters), got {c.pcnn_head_units}"),
         (c.slice_axis in (-3, -2, -1, 0, 1, 2), f"--slice-axis must be one of 0, 1, 2 (or -1..-3), got {c.slice_axis}"),
+        (0 <= c.pcnn_top_dropout < 1, f"--pcnn-top-dropout must be in [0, 1), got {c.pcnn_top_dropout}"),
         (c.pcnn_middle_codes != 1, "--pcnn-middle-codes must be 0 (no middle grid) or >= 2, got 1"),
         (not c.pcnn_middle_codes or (c.pcnn_middle_factor < c.pcnn_top_factor
                                      and c.pcnn_top_factor % c.pcnn_middle_factor == 0),

@@ -54,17 +54,20 @@ def build_vqvae(config):
 
 def build_prior(config):
     """The prior of a config: a compiled PixelCNN, or a HierarchicalPrior whose PixelCNNs
-    are compiled (the middle one with the top one's settings)."""
+    are compiled (the middle one with the top one's channels)."""
     settings = dict(filters=config.pcnn_filters, num_layers=config.pcnn_layers, head_units=config.pcnn_head_units or None)
     if config.pcnn_variant == "hierarchical":
         top = dict(filters=config.pcnn_top_filters, num_layers=config.pcnn_top_layers,
                    head_units=4 * config.pcnn_top_filters)
+        middle = dict(top, num_layers=config.pcnn_middle_layers or config.pcnn_top_layers,
+                      condition_blocks=config.pcnn_condition_blocks)
         below = dict(settings, condition_blocks=config.pcnn_condition_blocks)
         prior = hierarchy.HierarchicalPrior(config.K, config.D, config.pcnn_top_codes, config.pcnn_top_factor,
-                                            top=top, bottom=below, position_bins=config.pcnn_position_bins,
+                                            top=dict(top, dropout=config.pcnn_top_dropout), bottom=below,
+                                            position_bins=config.pcnn_position_bins,
                                             middle_embeddings=config.pcnn_middle_codes,
                                             middle_factor=config.pcnn_middle_factor,
-                                            middle=dict(top, condition_blocks=config.pcnn_condition_blocks),
+                                            middle=middle,
                                             top_temperature=config.pcnn_top_temperature,
                                             bottom_temperature=config.pcnn_bottom_temperature)
         networks = prior.networks

@@ -41,6 +41,17 @@ for seed in 0 1; do
     python benchmarks/levels.py --run "$OUT-oasis-default" --top-temperatures 1.0 0.7 --given --no-nearest --no-controls --seed $seed
     python benchmarks/levels.py --run "$OUT-oasis-topshift1" --top-temperatures 1.0 0.7 --given --no-nearest --no-controls --seed $seed
 done
+# ... and the middle PixelCNN at the old default's 12 layers against the new 6, and the top one
+# with dropout (the README's middle-depth and top-dropout paragraphs; there the default run was
+# the third one, with a 12-layer middle, retrained at 6: --set pcnn_middle_layers=6).
+python benchmarks/retrain_level.py --run "$OUT-oasis-default" --out "$OUT-oasis-middle12" --level middle --set pcnn_middle_layers=12
+python benchmarks/retrain_level.py --run "$OUT-oasis-default" --out "$OUT-oasis-topdropout" --level top --set pcnn_top_dropout=0.2
+for seed in 0 1; do
+    for run in middle12 topdropout; do
+        python benchmarks/levels.py --run "$OUT-oasis-$run" --top-temperatures 0.7 --given --no-nearest --no-controls --seed $seed
+    done
+done
+python benchmarks/prior_step.py --run "$OUT-oasis-default" --level middle --layers 12 6
 # Issue 15: the VQ-VAE variants, 15 epochs each, and the training step's throughput.
 for variant in "batch:--norm batch --ssim-weight 0 --weights-ema 0" "group:--norm group --ssim-weight 0 --weights-ema 0" \
                "batch-ssim:--norm batch --weights-ema 0" "group-ssim:--weights-ema 0" "default:"; do

@@ -74,6 +74,8 @@ def test_help_lists_every_flag_with_its_default():
     (["--pcnn-middle-codes", "1"], "--pcnn-middle-codes must be 0 (no middle grid) or >= 2, got 1"),
     (["--pcnn-middle-factor", "3"], "--pcnn-middle-factor 3 must be smaller than --pcnn-top-factor 4 and divide it"),
     (["--pcnn-condition-blocks", "-1"], "--pcnn-condition-blocks must be >= 0, got -1"),
+    (["--pcnn-middle-layers", "-1"], "--pcnn-middle-layers must be >= 0, got -1"),
+    (["--pcnn-top-dropout", "1"], "--pcnn-top-dropout must be in [0, 1), got 1.0"),
     (["sample", "--run", "/nowhere", "--n", "0"], "--n must be >= 1, got 0"),
 ])
 def test_bad_flags_exit_with_one_line(argv, message):
@@ -265,6 +267,19 @@ def test_sampling_at_a_position_needs_a_prior_trained_with_positions(tmp_path):
     assert "trained without slice positions" in run_error(["sample", "--run", str(tmp_path), "--position", "0.5"])
 
 
+def test_the_middle_pixelcnn_takes_its_own_depth_and_the_top_one_its_dropout():
+    import train
+
+    small = dict(K=8, D=4, pcnn_top_codes=4, pcnn_top_filters=8, pcnn_top_layers=3, pcnn_middle_codes=6,
+                 pcnn_filters=8, pcnn_layers=2)
+    prior = train.build_prior(driver.Config(**small, pcnn_middle_layers=0))  # 0: the top one's depth, as before
+    assert (prior.top.num_layers, prior.middle.num_layers, prior.top.dropout_rate) == (3, 3, 0.0)
+    prior = train.build_prior(driver.Config(**small, pcnn_middle_layers=2, pcnn_top_dropout=0.25))
+    assert (prior.top.num_layers, prior.middle.num_layers, prior.bottom.num_layers) == (3, 2, 2)
+    assert (prior.top.dropout_rate, prior.middle.dropout_rate, prior.bottom.dropout_rate) == (0.25, 0.0, 0.0)
+    assert prior.middle.filters == prior.top.filters == 8
+
+
 def test_a_run_made_before_the_middle_grid_reloads_as_it_was(tmp_path):
     """A config.json from before --pcnn-middle-codes, --pcnn-condition-blocks and
     --pcnn-top-temperature and --pcnn-bottom-temperature existed resumes as the two-level prior it trained."""
@@ -275,7 +290,7 @@ def test_a_run_made_before_the_middle_grid_reloads_as_it_was(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(saved))
     config = driver.Config.from_saved(runs.load_config(str(tmp_path)))
     assert (config.pcnn_middle_codes, config.pcnn_condition_blocks, config.pcnn_top_temperature,
-            config.pcnn_bottom_temperature) == (0, 0, 1.0, 1.0)
+            config.pcnn_bottom_temperature, config.pcnn_middle_layers, config.pcnn_top_dropout) == (0, 0, 1.0, 1.0, 0, 0.0)
     assert config.K == driver.Config().K
     (tmp_path / "config.json").write_text(json.dumps({**saved, "pcnn_middle_codes": 256}))
     assert runs.load_config(str(tmp_path))["pcnn_middle_codes"] == 256
