@@ -33,8 +33,8 @@ import time
 import numpy as np
 import tensorflow as tf
 
-# tf.image.ssim's definition: an 11-tap Gaussian window of sigma 1.5, K1 = 0.01, K2 = 0.03.
-SSIM_FILTER_SIZE, SSIM_FILTER_SIGMA, SSIM_K1, SSIM_K2 = 11, 1.5, 0.01, 0.03
+import vqvae
+
 MS_SSIM_POWER_FACTORS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # tf.image.ssim_multiscale's default
 
 
@@ -42,7 +42,7 @@ MS_SSIM_POWER_FACTORS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # tf.image.ssi
 # Image similarity
 
 
-def ms_ssim_settings(height, width, filter_size=SSIM_FILTER_SIZE, power_factors=MS_SSIM_POWER_FACTORS):
+def ms_ssim_settings(height, width, filter_size=vqvae.SSIM_WINDOW, power_factors=MS_SSIM_POWER_FACTORS):
     """The scales and filter size with which `tf.image.ssim_multiscale` fits an image.
 
     Each scale halves the image (rounding up) and the coarsest must still hold the filter.
@@ -64,38 +64,12 @@ def ms_ssim(images, others, settings):
                                     filter_size=settings["filter_size"])
 
 
-def _gaussian_window(size=SSIM_FILTER_SIZE, sigma=SSIM_FILTER_SIGMA):
-    x = np.arange(size, dtype=np.float64) - (size - 1) / 2
-    window = np.exp(-0.5 * x**2 / sigma**2)
-    return (window / window.sum()).astype(np.float32)
-
-
-def _local_mean(x, window):
-    """Gaussian-weighted local means of (1, H, W, C) maps, 'valid' padding, per channel.
-
-    tf.image.ssim filters with the same (separable) Gaussian, as one 11x11 kernel."""
-    channels = tf.shape(x)[-1]
-    rows = tf.tile(window[:, None, None, None], [1, 1, channels, 1])
-    columns = tf.tile(window[None, :, None, None], [1, 1, channels, 1])
-    x = tf.nn.depthwise_conv2d(x, rows, [1, 1, 1, 1], "VALID")
-    return tf.nn.depthwise_conv2d(x, columns, [1, 1, 1, 1], "VALID")
-
-
 @tf.function(reduce_retracing=True)
 def _ssim_against(query, references, window):
-    """SSIM of one (H, W) image in [0, 1] against each of (H, W, R) references.
-
-    The references sit on the channel axis, where the depthwise filters run far faster on
-    CPU than over a batch of one-channel images; the formula is tf.image.ssim's."""
-    c1, c2 = SSIM_K1**2, SSIM_K2**2
-    x = query[None, :, :, None]
-    y = references[None]
-    mu_x, mu_y = _local_mean(x, window), _local_mean(y, window)
-    xx, yy = _local_mean(x * x, window), _local_mean(y * y, window)
-    xy = _local_mean(x * y, window)
-    luminance = (2 * mu_x * mu_y + c1) / (mu_x**2 + mu_y**2 + c1)
-    contrast_structure = (2 * (xy - mu_x * mu_y) + c2) / (xx - mu_x**2 + yy - mu_y**2 + c2)
-    return tf.reduce_mean(luminance * contrast_structure, axis=(0, 1, 2))
+    """SSIM of one (H, W) image in [0, 1] against each of (H, W, R) references: the
+    references sit on the channel axis, where the depthwise filters run far faster on CPU
+    than over a batch of one-channel images."""
+    return tf.reduce_mean(vqvae.ssim_map(query[None, :, :, None], references[None], window), axis=(0, 1, 2))
 
 
 def pairwise_ssim(queries, references, chunk=256):
@@ -107,7 +81,7 @@ def pairwise_ssim(queries, references, chunk=256):
     references = np.asarray(references, np.float32).reshape(len(references), *np.shape(references)[1:3])
     if queries.shape[1:] != references.shape[1:]:
         raise ValueError(f"image sizes differ: {queries.shape[1:]} and {references.shape[1:]}")
-    window = tf.constant(_gaussian_window(min(SSIM_FILTER_SIZE, *queries.shape[1:])))
+    window = tf.constant(vqvae.gaussian_window(min(vqvae.SSIM_WINDOW, *queries.shape[1:])))
     scores = np.zeros((len(queries), len(references)), np.float32)
     for start in range(0, len(references), chunk):
         block = tf.constant(np.transpose(references[start: start + chunk], (1, 2, 0)))
@@ -156,8 +130,6 @@ def code_counts(indices, num_embeddings):
 def codebook_statistics(counts):
     """Codes used, dead codes, usage and perplexity (exp of the entropy of code use) from
     counts, through `vqvae.CodebookStatistics`, the metric training tracks."""
-    import vqvae
-
     metric = vqvae.CodebookStatistics(len(counts))
     metric.counts.assign(np.asarray(counts, np.float32))
     result = {name: float(value) for name, value in metric.result().items()}
@@ -188,8 +160,6 @@ def score_batch(model, images, ms_settings=None):
     """Per-slice SSIM, PSNR (and MS-SSIM with `ms_settings`) of a batch of (B, H, W, 1)
     slices in [shift, 1 + shift], their code grids, and the originals and reconstructions
     in [0, 1]."""
-    import vqvae
-
     reconstructions, indices = model.reconstruct(images)
     scores = {"ssim": vqvae.image_ssim(images, reconstructions, model.shift).numpy(),
               "psnr": vqvae.image_psnr(images, reconstructions, model.shift).numpy(),

@@ -93,7 +93,7 @@ def step_parts(model, batch):
 
     def forward_backward():
         with tf.GradientTape() as tape:
-            reconstructions, indices, reconstruction_loss, vq_loss = model._step(batch, training=True)
+            reconstructions, indices, reconstruction_loss, vq_loss, _ = model._step(batch, training=True)
             loss = reconstruction_loss + vq_loss
         return tape.gradient(loss, model.trainable_variables)
 

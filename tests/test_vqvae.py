@@ -247,6 +247,32 @@ def test_time_limit_stops_before_an_epoch_would_overrun():
         assert model.stop_training == stops
 
 
+@pytest.mark.parametrize("groups, channels", [(8, 16), (8, 32), (3, 3), (1, 5)])
+def test_group_norm_matches_keras_group_normalization(groups, channels):
+    """vqvae.GroupNorm gives Keras' GroupNormalization's outputs and gradients (inputs,
+    scale and shift), on maps whose mean is far from 0, and saves and loads its settings."""
+    rng = np.random.default_rng(channels)
+    inputs = tf.constant(rng.normal(3.0, 2.0, (4, 9, 7, channels)).astype(np.float32))
+    gamma, beta = rng.uniform(0.5, 1.5, channels).astype(np.float32), rng.normal(0, 1, channels).astype(np.float32)
+    ours, keras_layer = vqvae.GroupNorm(groups), keras.layers.GroupNormalization(groups=groups)
+    for layer in (ours, keras_layer):
+        layer.build(inputs.shape)
+        layer.gamma.assign(gamma)
+        layer.beta.assign(beta)
+    found = []
+    for layer in (ours, keras_layer):
+        with tf.GradientTape() as tape:
+            tape.watch(inputs)
+            outputs = layer(inputs)
+            loss = tf.reduce_sum(outputs * tf.sin(tf.range(outputs.shape[-1], dtype=tf.float32)))
+        found.append([outputs] + tape.gradient(loss, [inputs, layer.gamma, layer.beta]))
+    for mine, theirs in zip(*found):
+        np.testing.assert_allclose(mine.numpy(), theirs.numpy(), atol=2e-4, rtol=1e-4)
+    assert vqvae.GroupNorm.from_config(ours.get_config()).groups == groups
+    with pytest.raises(ValueError, match="5 channels do not split into 2 groups"):
+        vqvae.GroupNorm(2).build((1, 3, 3, 5))
+
+
 def test_group_norm_scores_a_slice_the_same_alone_or_in_a_batch():
     """Group normalisation works per slice: in training mode too, a slice's reconstruction
     does not depend on the other slices of its batch (batch normalisation's does)."""
@@ -265,5 +291,16 @@ def test_ssim_loss_weighs_the_edge_pixels_that_tf_image_ssim_barely_sees():
     spoiled = images.copy()
     spoiled[:, :2] = 0.5  # the top two rows only: at the edge of tf.image.ssim's 'valid' windows
     unpadded = 1.0 - float(vqvae.mean_ssim(images, spoiled, -0.5))
-    assert float(vqvae.ssim_loss(images, images, -0.5)) == pytest.approx(0.0, abs=1e-6)
-    assert float(vqvae.ssim_loss(images, spoiled, -0.5)) > 4 * unpadded
+    assert float(vqvae.ssim_loss_and_score(images, images, -0.5)[0]) == pytest.approx(0.0, abs=1e-6)
+    assert float(vqvae.ssim_loss_and_score(images, spoiled, -0.5)[0]) > 4 * unpadded
+
+
+def test_ssim_score_from_the_padded_map_is_the_unpadded_mean_ssim():
+    """The training metric comes from the loss's padded SSIM map (its central crop): the
+    same figure as tf.image.ssim's mean over the slices, also for reconstructions outside
+    [0, 1] (clipped, as scored)."""
+    images = tiny_images(3, size=48, seed=5)
+    rng = np.random.default_rng(5)
+    noisy = (images + rng.normal(0, 0.2, images.shape)).astype(np.float32)
+    _, score = vqvae.ssim_loss_and_score(images, noisy, -0.5)
+    np.testing.assert_allclose(float(score), vqvae.image_ssim(images, noisy, -0.5).numpy().mean(), rtol=1e-5)
