@@ -3,22 +3,27 @@ down, given the real grids above it, against real test slices.
 
     python benchmarks/levels.py --run RUN [--samples 160] [--top-temperatures 1.0 0.7]
                                 [--bottom-temperatures 0.8 0.6] [--given middle bottom] [--no-controls] [--no-nearest]
+                                [--seeds 0 1 2]
 
 For a run with a hierarchical prior, takes --samples test slices spread over the test split
 and their grids at every level (C2ST needs 150+ slices to mean much). For each level, it
 keeps the real grids above that level, draws the level and every finer one from the prior
 (`HierarchicalSampler.sample(above=...)`, temperature 1), decodes the codes and scores the slices as `driver.py evaluate` does (realism.py, evaluate.py): C2ST
 against the real test slices, left-right symmetry, one piece, near-empty, solidity, and the
-nearest-train and pairwise SSIM. Whole samples (drawn from the top) are scored at every
+nearest-train and pairwise SSIM. With several --seeds each row is the mean over them (each seed
+draws its own slices and trains its own C2ST classifiers; the C2ST's spread over the seeds is
+printed beside it): one seed's C2ST of 160 slices moves by 0.05-0.1. Whole samples (drawn from the top) are scored at every
 --top-temperatures value (the top grid's temperature; the finer levels at 1), and at each
 --bottom-temperatures value (the codes' temperature; the top grid at the first
 --top-temperatures value, a middle grid at 1). A level whose
 row is far worse than the row below it is where the prior loses the anatomy. The real slices,
-their reconstructions and the validation-vs-test control come first (--no-controls skips
-them, e.g. for a second run on the same VQ-VAE and data, whose controls are the same).
+their reconstructions, the validation-vs-test control and as many training slices as there are test
+slices (what a prior that only copied training slices would score) come first (--no-controls
+skips them, e.g. for a second run on the same VQ-VAE and data, whose controls are the same).
 --given picks the rows drawn given real grids (by the first level drawn: middle, bottom;
 default all), and --no-nearest skips the nearest-train SSIM, the slowest score (every slice
 against every training slice: about 8 minutes a row at 256x256 on a slow 2-core day).
+--figure draws the first seed's first slices of every row, one row each, to look at.
 """
 
 import argparse
@@ -32,19 +37,34 @@ import numpy as np  # noqa: E402
 
 import table  # noqa: E402
 
+SHOWN = 8  # slices of each row in --figure
 
-def scores(name, images, test, train_batches, seed, c2st=True):
-    """One table row of realism figures of (N, H, W) slices in [0, 1] against the test slices
-    (no C2ST for the test slices themselves; no nearest-train SSIM without `train_batches`)."""
+
+def scores(name, draw, test, train_batches, seeds, c2st=True):
+    """One table row of realism figures of the (N, H, W) slices in [0, 1] that `draw(seed)`
+    gives, against the test slices, averaged over `seeds` (each seed its own slices and its
+    own C2ST folds and classifier); the nearest-train SSIM (none without `train_batches`) is
+    of the first seed's slices only, and no C2ST is run for the test slices themselves."""
     import evaluate
     import realism
 
     start = time.time()
-    nearest = float(evaluate.nearest_neighbours(images, train_batches())[0].mean()) if train_batches else float("nan")
-    row = {"slices": name, "c2st": realism.c2st_accuracy(images, test, seed=seed) if c2st else float("nan"),
-           **realism.anatomy_statistics(images), "nearest_train_ssim": nearest,
-           "pairwise_ssim": evaluate.mean_pairwise_ssim(images)}
-    print(f"{name}: C2ST {row['c2st']:.3f}, symmetry {row['symmetry']:.3f} ({time.time() - start:.0f} s)", flush=True)
+    per_seed = []
+    for index, seed in enumerate(seeds):
+        images = draw(seed)
+        if index == 0:
+            shown = images[:SHOWN]
+        nearest = (float(evaluate.nearest_neighbours(images, train_batches())[0].mean())
+                   if train_batches and index == 0 else float("nan"))
+        per_seed.append({"c2st": realism.c2st_accuracy(images, test, seed=seed) if c2st else float("nan"),
+                         **realism.anatomy_statistics(images), "nearest_train_ssim": nearest,
+                         "pairwise_ssim": evaluate.mean_pairwise_ssim(images)})
+    row = {"slices": name, "seeds": list(seeds), "per_seed": per_seed, "shown": shown,
+           **{key: float(np.nanmean([values[key] for values in per_seed]) if any(
+               np.isfinite(values[key]) for values in per_seed) else float("nan")) for key in per_seed[0]},
+           "c2st_sd": float(np.std([values["c2st"] for values in per_seed]))}
+    print(f"{name}: C2ST {row['c2st']:.3f} (sd {row['c2st_sd']:.3f} over {len(seeds)} seeds), "
+          f"symmetry {row['symmetry']:.3f} ({time.time() - start:.0f} s)", flush=True)
     return row
 
 
@@ -62,8 +82,10 @@ def main():
                         help="score the real slices, their reconstructions and the validation control")
     parser.add_argument("--nearest", action=argparse.BooleanOptionalAction, default=True,
                         help="score the nearest-train SSIM (slow)")
-    parser.add_argument("--seed", type=int, default=0, help="sampling and C2ST seed")
+    parser.add_argument("--seeds", "--seed", type=int, nargs="+", default=[0],
+                        help="sampling and C2ST seeds: each row is the mean over them (default: 0)")
     parser.add_argument("--json", help="also write the table here")
+    parser.add_argument("--figure", help=f"also draw the first seed's first {SHOWN} slices of each row here (PNG)")
     args = parser.parse_args()
 
     import quiet
@@ -96,28 +118,38 @@ def main():
     rows = []
     if args.controls:
         control = evaluate.split_images(splits["validate"], model.shift)
-        rows = [scores("real test slices", test[pick], test, train_batches, args.seed, c2st=False),
-                scores("their reconstructions", decode(codes[pick]), test, train_batches, args.seed),
-                scores("validation slices (control)", control, test, train_batches, args.seed)]
+        training = evaluate.split_images(splits["train"], model.shift)
+        some_training = lambda seed: training[np.random.default_rng(seed).permutation(len(training))[:len(test)]]  # noqa: E731
+        reconstructions = decode(codes[pick])
+        rows = [scores("real test slices", lambda seed: test[pick], test, train_batches, args.seeds[:1], c2st=False),
+                scores("their reconstructions", lambda seed: reconstructions, test, train_batches, args.seeds),
+                scores("validation slices (control)", lambda seed: control, test, train_batches, args.seeds),
+                scores("training slices (what copying them would score)", some_training, test, None, args.seeds)]
     top = args.top_temperatures[0]
     runs_of = ([(0, t, 1.0) for t in args.top_temperatures] + [(0, top, t) for t in args.bottom_temperatures]
                + [(prior.names.index(name), 1.0, 1.0) for name in given])
     for start, top_temperature, bottom_temperature in runs_of:
         # The top grid and the codes at these temperatures, a middle grid at 1.
         prior.top_temperature, prior.bottom_temperature = top_temperature, bottom_temperature
-        grid = sampler.sample(1.0, args.seed, above=real[:start]).numpy()
+        draw = lambda seed: decode(sampler.sample(1.0, seed, above=real[:start]).numpy())  # noqa: E731
         above = "nothing" if start == 0 else "the real " + " and ".join(prior.names[:start])
         name = f"{'+'.join(prior.names[start:])} drawn given {above}" + (
             f", top at T {top_temperature:g}" if start == 0 else "") + (
             f", bottom at T {bottom_temperature:g}" if bottom_temperature != 1 else "")
-        rows.append(scores(name, decode(grid), test, train_batches, args.seed))
+        rows.append(scores(name, draw, test, train_batches, args.seeds))
 
-    table.print_table([("slices", 72, "{}"), ("C2ST", 5, "{:.3f}"), ("symmetry", 8, "{:.3f}"),
+    print(f"\nmeans over seeds {' '.join(map(str, args.seeds))}; nearest-train SSIM of the first seed's slices")
+    table.print_table([("slices", 72, "{}"), ("C2ST", 5, "{:.3f}"), ("sd", 5, "{:.3f}"), ("symmetry", 8, "{:.3f}"),
                        ("one piece", 9, "{:.1%}"), ("near-empty", 10, "{:.1%}"), ("solidity", 8, "{:.3f}"),
                        ("nearest-train", 13, "{:.3f}"), ("pairwise", 8, "{:.3f}")],
-                      [[row["slices"], row["c2st"], row["symmetry"], row["one_piece"], row["near_empty"],
+                      [[row["slices"], row["c2st"], row["c2st_sd"], row["symmetry"], row["one_piece"], row["near_empty"],
                         row["solidity"], row["nearest_train_ssim"], row["pairwise_ssim"]] for row in rows])
-    table.save(args.json, {"run": args.run, "rows": rows})
+    table.save(args.json, {"run": args.run, "rows": [{k: v for k, v in row.items() if k != "shown"} for row in rows]})
+    if args.figure:
+        import plots
+
+        plots.image_grid([row["shown"] for row in rows], args.figure, [row["slices"].replace(" drawn given ", "\n| ")
+                                                                       for row in rows], cmap=config.cmap)
 
 
 if __name__ == "__main__":
