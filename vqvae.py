@@ -50,14 +50,14 @@ def normalization(kind, channels, name):
     if kind == "batch":
         return layers.BatchNormalization(momentum=BN_MOMENTUM, synchronized=True, name=name)
     if kind == "group":
-        return GroupNorm(groups=max(g for g in range(1, GROUPS + 1) if channels % g == 0), name=name)
+        return GroupNormalization(groups=max(g for g in range(1, GROUPS + 1) if channels % g == 0), name=name)
     if kind == "none":
         return layers.Identity(name=name)
     raise ValueError(f"norm must be one of {', '.join(NORMS)}, got {kind!r}")
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
-class GroupNorm(layers.Layer):
+class GroupNormalization(layers.Layer):
     """Group normalisation (Wu and He 2018): each slice's channels in `groups` groups, each
     group normalised by its mean and variance over the slice, then a learnt scale and shift
     per channel. The same figures as `keras.layers.GroupNormalization` (to float rounding;
@@ -65,7 +65,11 @@ class GroupNorm(layers.Layer):
     from two reductions of the whole map (the channels' means of x and of x^2, then averaged
     within each group), and the normalisation is one multiply-add per value with a scale and
     shift per channel, where Keras' layer reshapes the map into groups and takes its
-    moments, several passes over the largest tensors of the step."""
+    moments, several passes over the largest tensors of the step.
+
+    It has Keras' layer's class name and weights (gamma, then beta) on purpose: a saved
+    model files each layer's weights under its class name, so runs saved with Keras' layer
+    load with this one (tested)."""
 
     def __init__(self, groups, epsilon=1e-3, **kwargs):
         super().__init__(**kwargs)

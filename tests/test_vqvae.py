@@ -203,6 +203,21 @@ def test_save_load_round_trip(tmp_path, norm):
     np.testing.assert_allclose(loaded.quantizer.cluster_size.numpy(), model.quantizer.cluster_size.numpy())
 
 
+def test_a_model_saved_with_keras_group_normalization_loads(tmp_path, monkeypatch):
+    """Runs saved before vqvae.GroupNormalization (with Keras' own layer) still load, with
+    their weights: the same reconstructions."""
+    with monkeypatch.context() as patch:
+        patch.setattr(vqvae, "GroupNormalization", keras.layers.GroupNormalization)
+        model, _ = fitted_model(epochs=1, norm="group")
+    assert any(type(layer) is keras.layers.GroupNormalization for layer in model.encoder.layers)
+    path = str(tmp_path / "vqvae.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    assert any(type(layer) is vqvae.GroupNormalization for layer in loaded.encoder.layers)
+    images = tiny_images(4, seed=6)
+    np.testing.assert_allclose(loaded(images).numpy(), model(images).numpy(), atol=1e-4)
+
+
 def test_score_split():
     model, _ = fitted_model(epochs=1)
     dataset = tf.data.Dataset.from_tensor_slices(tiny_images(6)).batch(4)
@@ -249,12 +264,12 @@ def test_time_limit_stops_before_an_epoch_would_overrun():
 
 @pytest.mark.parametrize("groups, channels", [(8, 16), (8, 32), (3, 3), (1, 5)])
 def test_group_norm_matches_keras_group_normalization(groups, channels):
-    """vqvae.GroupNorm gives Keras' GroupNormalization's outputs and gradients (inputs,
+    """vqvae.GroupNormalization gives Keras' GroupNormalization's outputs and gradients (inputs,
     scale and shift), on maps whose mean is far from 0, and saves and loads its settings."""
     rng = np.random.default_rng(channels)
     inputs = tf.constant(rng.normal(3.0, 2.0, (4, 9, 7, channels)).astype(np.float32))
     gamma, beta = rng.uniform(0.5, 1.5, channels).astype(np.float32), rng.normal(0, 1, channels).astype(np.float32)
-    ours, keras_layer = vqvae.GroupNorm(groups), keras.layers.GroupNormalization(groups=groups)
+    ours, keras_layer = vqvae.GroupNormalization(groups), keras.layers.GroupNormalization(groups=groups)
     for layer in (ours, keras_layer):
         layer.build(inputs.shape)
         layer.gamma.assign(gamma)
@@ -268,9 +283,9 @@ def test_group_norm_matches_keras_group_normalization(groups, channels):
         found.append([outputs] + tape.gradient(loss, [inputs, layer.gamma, layer.beta]))
     for mine, theirs in zip(*found):
         np.testing.assert_allclose(mine.numpy(), theirs.numpy(), atol=2e-4, rtol=1e-4)
-    assert vqvae.GroupNorm.from_config(ours.get_config()).groups == groups
+    assert vqvae.GroupNormalization.from_config(ours.get_config()).groups == groups
     with pytest.raises(ValueError, match="5 channels do not split into 2 groups"):
-        vqvae.GroupNorm(2).build((1, 3, 3, 5))
+        vqvae.GroupNormalization(2).build((1, 3, 3, 5))
 
 
 def test_group_norm_scores_a_slice_the_same_alone_or_in_a_batch():
