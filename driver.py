@@ -45,7 +45,7 @@ class Config:
     ema_decay: float = option(0.99, "decay of the EMA codebook updates; 0 = loss-based codebook (keras.io recipe)")
     codebook_init: str = option("kmeans", "'kmeans' on the first batch of encoder outputs, or 'uniform' random")
     dead_code_steps: int = option(10, "restart a code unused for this many training steps (0 = never)")
-    epochs: int = option(15, "VQ-VAE training epochs")
+    epochs: int = option(20, "VQ-VAE training epochs (with --max-minutes, whichever ends first)")
     batch_size: int = option(8, "slices per batch")
     weights_ema: float = option(0.99, "validate and save an exponential moving average of the weights with this "
                                       "momentum (0 = the weights as trained)")
