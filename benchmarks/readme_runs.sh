@@ -55,14 +55,28 @@ python benchmarks/prior_step.py --run "$OUT-oasis-default" --level middle --laye
 # Issue 15: the VQ-VAE variants, 15 epochs each, and the training step's throughput.
 for variant in "batch:--norm batch --ssim-weight 0 --weights-ema 0" "group:--norm group --ssim-weight 0 --weights-ema 0" \
                "batch-ssim:--norm batch --weights-ema 0" "group-ssim:--weights-ema 0" "default:"; do
-    python driver.py --data "$DATA/oasis_like" --pcnn-epochs 0 --out "$OUT-vqvae-${variant%%:*}" ${variant#*:}
+    python driver.py --data "$DATA/oasis_like" --epochs 15 --pcnn-epochs 0 --out "$OUT-vqvae-${variant%%:*}" ${variant#*:}
 done
 python benchmarks/stability.py --runs "$OUT"-vqvae-{batch,group,batch-ssim,group-ssim,default} \
     --plot resources/oasis_ssim_curves_variants.png --regions
-python driver.py --data "$DATA/hipmri_like" --pcnn-epochs 0 --norm batch --ssim-weight 0 --weights-ema 0 --out "$OUT-hipmri-old"
-python driver.py --data "$DATA/hipmri_like" --pcnn-epochs 0 --out "$OUT-hipmri-default"
+python driver.py --data "$DATA/hipmri_like" --epochs 15 --pcnn-epochs 0 --norm batch --ssim-weight 0 --weights-ema 0 --out "$OUT-hipmri-old"
+python driver.py --data "$DATA/hipmri_like" --epochs 15 --pcnn-epochs 0 --out "$OUT-hipmri-default"
 python benchmarks/stability.py --runs "$OUT-vqvae-batch" "$OUT-vqvae-default" "$OUT-hipmri-old" "$OUT-hipmri-default" \
     --plot resources/ssim_curves_old_new.png --regions
+# ... and 10-minute runs on both layouts, at commit f9aa971 (before the faster step) and with this
+# version (the README's 10-minute table and figure; --epochs 15 gives its middle rows).
+BEFORE=$(mktemp -d)
+git worktree add --detach "$BEFORE" f9aa971
+DATA_PATH=$(realpath "$DATA") OUT_PATH=$(realpath -m "$OUT")
+for layout in oasis_like hipmri_like; do
+    (cd "$BEFORE" && python driver.py --data "$DATA_PATH/$layout" --max-minutes 10 --pcnn-epochs 0 \
+        --out "$OUT_PATH-10min-before-$layout")
+    python driver.py --data "$DATA/$layout" --max-minutes 10 --pcnn-epochs 0 --out "$OUT-10min-$layout"
+done
+git worktree remove --force "$BEFORE"
+python benchmarks/stability.py --runs "$OUT"-10min-{before-oasis_like,oasis_like,before-hipmri_like,hipmri_like} \
+    --labels "oasis_like, before (f9aa971)" "oasis_like, this version" "hipmri_like, before (f9aa971)" \
+    "hipmri_like, this version" --plot resources/ssim_curves_10min.png
 python benchmarks/throughput.py
 python benchmarks/throughput.py --set norm=batch ssim_weight=0 weights_ema=0
 # Issue 17: anomaly maps of synthetic lesions.
