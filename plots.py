@@ -6,6 +6,7 @@ watching a run, or a run killed mid-write, never sees a half-written image.
 """
 
 import os
+import textwrap
 
 import matplotlib
 import matplotlib.ticker
@@ -76,7 +77,9 @@ def image_grid(rows, path, row_titles=None, cmap="gray", title=None, vmin=0.0, v
             else:
                 axis.axis("off")
         if row_titles:
-            axes[r][0].set_ylabel(row_titles[r], fontsize=8)
+            # Wrapped to the row's height: a long title on one line runs into its neighbours'.
+            axes[r][0].set_ylabel("\n".join(textwrap.fill(line, 22) for line in row_titles[r].split("\n")),
+                                  fontsize=7)
     if title:
         figure.suptitle(title, fontsize=10)
     figure.subplots_adjust(wspace=0.03, hspace=0.03)
