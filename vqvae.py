@@ -65,7 +65,8 @@ class GroupNormalization(layers.Layer):
     from two reductions of the whole map (the channels' means of x and of x^2, then averaged
     within each group), and the normalisation is one multiply-add per value with a scale and
     shift per channel, where Keras' layer reshapes the map into groups and takes its
-    moments, several passes over the largest tensors of the step.
+    moments, several passes over the largest tensors of the step (`group_normalize` does
+    the work, its gradient written out).
 
     It has Keras' layer's class name and weights (gamma, then beta) on purpose: a saved
     model files each layer's weights under its class name, so runs saved with Keras' layer

@@ -27,6 +27,9 @@ python benchmarks/levels.py --run "$OUT-oasis-default" --samples 160 --top-tempe
 python benchmarks/levels.py --run "$OUT-oasis-default" --samples 160 --top-temperatures 0.7 \
     --bottom-temperatures 0.8 0.6 --seed 0 --json "$OUT-oasis-default/levels_bottom.json"
 time python driver.py sample --run "$OUT-oasis-default" --n 16
+# "Where it stands": three seeds of whole samples against the controls.
+python benchmarks/levels.py --run "$OUT-oasis-default" --top-temperatures 0.7 --given --no-nearest --seeds 0 1 2 \
+    --json "$OUT-oasis-default/levels3.json"
 # ... and the same run with a 6-layer bottom PixelCNN (the README's deeper-bottom tables; the
 # default run there was a second one, 2026-12-03).
 python benchmarks/retrain_level.py --run "$OUT-oasis-default" --out "$OUT-oasis-bottom6" --level bottom --set pcnn_layers=6
@@ -72,13 +75,26 @@ for layout in oasis_like hipmri_like; do
     (cd "$BEFORE" && python driver.py --data "$DATA_PATH/$layout" --max-minutes 10 --pcnn-epochs 0 \
         --out "$OUT_PATH-10min-before-$layout")
     python driver.py --data "$DATA/$layout" --max-minutes 10 --pcnn-epochs 0 --out "$OUT-10min-$layout"
+    for seed in 1 2; do  # the table's seed rows
+        python driver.py --data "$DATA/$layout" --max-minutes 10 --pcnn-epochs 0 --seed $seed \
+            --out "$OUT-10min-$layout-seed$seed"
+    done
 done
-git worktree remove --force "$BEFORE"
 python benchmarks/stability.py --runs "$OUT"-10min-{before-oasis_like,oasis_like,before-hipmri_like,hipmri_like} \
     --labels "oasis_like, before (f9aa971)" "oasis_like, this version" "hipmri_like, before (f9aa971)" \
     "hipmri_like, this version" --plot resources/ssim_curves_10min.png
-python benchmarks/throughput.py
-python benchmarks/throughput.py --set norm=batch ssim_weight=0 weights_ema=0
+# Throughput side by side, alternating, five rounds: the commit before issue 15 (55e362a, with
+# this version's benchmark copied in), f9aa971 (before the faster step) and this version.
+PRE15=$(mktemp -d)
+git worktree add --detach "$PRE15" 55e362a
+cp benchmarks/throughput.py benchmarks/table.py "$PRE15/benchmarks/"
+for round in 1 2 3 4 5; do
+    (cd "$PRE15" && python benchmarks/throughput.py --json "$OUT_PATH-throughput-55e362a-$round.json")
+    (cd "$BEFORE" && python benchmarks/throughput.py --json "$OUT_PATH-throughput-f9aa971-$round.json")
+    python benchmarks/throughput.py --json "$OUT-throughput-this-$round.json"
+done
+git worktree remove --force "$PRE15"
+git worktree remove --force "$BEFORE"
 # Issue 17: anomaly maps of synthetic lesions.
 python benchmarks/anomaly.py --run "$OUT-oasis-default" --data "$DATA/oasis_like" --slices 60 \
     --figure resources/anomaly_examples.png
