@@ -421,6 +421,12 @@ class CodebookStatistics(keras.metrics.Metric):
         return {"num_embeddings": self.num_embeddings, "name": self.name}
 
 
+def scored_range(images, reconstructions, shift):
+    """Images and reconstructions as SSIM and PSNR score them: moved back to [0, 1] (SSIM is
+    not shift-invariant), the reconstructions clipped to it."""
+    return images - shift, tf.clip_by_value(reconstructions - shift, 0.0, 1.0)
+
+
 def ssim_loss_and_score(images, reconstructions, shift):
     """(1 - SSIM of a batch on images mirror-padded by half the SSIM window: the loss term,
     the batch's mean SSIM as tf.image.ssim scores it: the training metric), from one SSIM map.
@@ -432,13 +438,13 @@ def ssim_loss_and_score(images, reconstructions, shift):
     unpadded map's, so the metric needs no second SSIM."""
     pad = [[0, 0], [SSIM_PAD, SSIM_PAD], [SSIM_PAD, SSIM_PAD], [0, 0]]
     padded = ssim_map(*(batch_as_channels(tf.pad(x, pad, mode="REFLECT"))
-                        for x in (images - shift, tf.clip_by_value(reconstructions - shift, 0.0, 1.0))))
+                        for x in scored_range(images, reconstructions, shift)))
     return 1.0 - tf.reduce_mean(padded), tf.reduce_mean(padded[:, SSIM_PAD:-SSIM_PAD, SSIM_PAD:-SSIM_PAD])
 
 
 def image_ssim(images, reconstructions, shift):
-    """Per-image SSIM with both images moved back to [0, 1] (SSIM is not shift-invariant)."""
-    return tf.image.ssim(images - shift, tf.clip_by_value(reconstructions - shift, 0.0, 1.0), max_val=1.0)
+    """Per-image SSIM on the scored range (`scored_range`)."""
+    return tf.image.ssim(*scored_range(images, reconstructions, shift), max_val=1.0)
 
 
 def mean_ssim(images, reconstructions, shift):
@@ -448,8 +454,7 @@ def mean_ssim(images, reconstructions, shift):
     tf.image.ssim scores each channel separately and averages the channels, and a depthwise
     filter is far faster on one (1, H, W, B) image than on B images of (H, W, 1); so the batch
     goes to the channel axis, and `ssim_map` applies the Gaussian as two 11-tap passes."""
-    return tf.reduce_mean(ssim_map(batch_as_channels(images - shift),
-                                   batch_as_channels(tf.clip_by_value(reconstructions - shift, 0.0, 1.0))))
+    return tf.reduce_mean(ssim_map(*(batch_as_channels(x) for x in scored_range(images, reconstructions, shift))))
 
 
 def batch_as_channels(images):
@@ -491,7 +496,7 @@ def ssim_map(x, y, window=None):
 
 
 def image_psnr(images, reconstructions, shift):
-    return tf.image.psnr(images - shift, tf.clip_by_value(reconstructions - shift, 0.0, 1.0), max_val=1.0)
+    return tf.image.psnr(*scored_range(images, reconstructions, shift), max_val=1.0)
 
 
 # ---------------------------------------------------------------------------
