@@ -55,6 +55,22 @@ for seed in 0 1; do
     done
 done
 python benchmarks/prior_step.py --run "$OUT-oasis-default" --level middle --layers 12 6
+# ... and level by level, this version's default against a 15-epoch VQ-VAE, each with a 6-layer
+# bottom, the first with a 10-layer middle too (the README's "sharper VQ-VAE" tables, whose
+# 15-epoch run was commit f9aa971's default run).
+python driver.py --data "$DATA/oasis_like" --epochs 15 --out "$OUT-oasis-epochs15"
+python benchmarks/retrain_level.py --run "$OUT-oasis-default" --out "$OUT-oasis-b6e6" --level bottom \
+    --set pcnn_layers=6 pcnn_epochs=6
+python benchmarks/retrain_level.py --run "$OUT-oasis-epochs15" --out "$OUT-oasis-epochs15-b6e6" --level bottom \
+    --set pcnn_layers=6 pcnn_epochs=6
+python benchmarks/retrain_level.py --run "$OUT-oasis-b6e6" --out "$OUT-oasis-b6e6-m10" --level middle \
+    --set pcnn_middle_layers=10 pcnn_middle_epochs=8
+python benchmarks/levels.py --run "$OUT-oasis-default" --no-controls --no-nearest --top-temperatures 0.7 \
+    --bottom-temperatures 0.8 0.5 0.2 --given middle bottom --seeds 0 1 2
+for run in epochs15 b6e6 epochs15-b6e6 b6e6-m10; do
+    python benchmarks/levels.py --run "$OUT-oasis-$run" --no-controls --no-nearest --top-temperatures 0.7 \
+        --given middle bottom --seeds 0 1 2
+done
 # Issue 15: the VQ-VAE variants, 15 epochs each, and the training step's throughput.
 for variant in "batch:--norm batch --ssim-weight 0 --weights-ema 0" "group:--norm group --ssim-weight 0 --weights-ema 0" \
                "batch-ssim:--norm batch --weights-ema 0" "group-ssim:--weights-ema 0" "default:"; do
@@ -83,8 +99,9 @@ done
 python benchmarks/stability.py --runs "$OUT"-10min-{before-oasis_like,oasis_like,before-hipmri_like,hipmri_like} \
     --labels "oasis_like, before (f9aa971)" "oasis_like, this version" "hipmri_like, before (f9aa971)" \
     "hipmri_like, this version" --plot resources/ssim_curves_10min.png
-# ... and a longer run (the README's 0.96 target line).
+# ... and longer runs (the README's 0.96 target lines).
 python driver.py --data "$DATA/oasis_like" --max-minutes 35 --epochs 90 --pcnn-epochs 0 --out "$OUT-35min-oasis_like"
+python driver.py --data "$DATA/oasis_like" --max-minutes 57 --epochs 150 --pcnn-epochs 0 --out "$OUT-57min-oasis_like"
 # Throughput side by side, alternating, five rounds: the commit before issue 15 (55e362a, with
 # this version's benchmark copied in), f9aa971 (before the faster step) and this version.
 PRE15=$(mktemp -d)
