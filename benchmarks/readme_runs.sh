@@ -112,6 +112,11 @@ for round in 1 2 3 4 5; do
     (cd "$BEFORE" && python benchmarks/throughput.py --json "$OUT_PATH-throughput-f9aa971-$round.json")
     python benchmarks/throughput.py --json "$OUT-throughput-this-$round.json"
 done
+# ... and the weight EMA's share of the step: the default against --set weights_ema=0, taking turns.
+for round in 1 2; do
+    python benchmarks/throughput.py
+    python benchmarks/throughput.py --set weights_ema=0
+done
 git worktree remove --force "$PRE15"
 git worktree remove --force "$BEFORE"
 # Issue 17: anomaly maps of synthetic lesions.
