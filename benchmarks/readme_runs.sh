@@ -67,6 +67,8 @@ python benchmarks/retrain_level.py --run "$OUT-oasis-b6e6" --out "$OUT-oasis-b6e
     --set pcnn_middle_layers=10 pcnn_middle_epochs=8
 python benchmarks/levels.py --run "$OUT-oasis-default" --no-controls --no-nearest --top-temperatures 0.7 \
     --bottom-temperatures 0.8 0.5 0.2 --given middle bottom --seeds 0 1 2
+python benchmarks/levels.py --run "$OUT-oasis-default" --no-controls --no-nearest --top-temperatures 0.6 0.5 \
+    --given --seeds 0 1 2
 for run in epochs15 b6e6 epochs15-b6e6 b6e6-m10; do
     python benchmarks/levels.py --run "$OUT-oasis-$run" --no-controls --no-nearest --top-temperatures 0.7 \
         --given middle bottom --seeds 0 1 2
