@@ -116,7 +116,7 @@ def anomaly_maps(model, healer, images, limits, draws=DRAWS, seed=0):
     codes = model.encode(images + model.shift).numpy()
     repeated = np.repeat(codes, draws, axis=0)
     healed_codes, marked = healer.heal(repeated, limits, seed)
-    decoded = np.clip(model.decode(healed_codes).numpy()[..., 0] - model.shift, 0, 1)
+    decoded = model.decode_images(healed_codes)[..., 0]
     healed = decoded.reshape(batch, draws, *decoded.shape[1:]).mean(axis=1)
     changed = (healed_codes != repeated).reshape(batch, draws, *codes.shape[1:]).any(axis=1)
     scale = model.downsampling

@@ -354,7 +354,7 @@ def sample_report(model, prior, splits, test_grids, samples, temperature, seed, 
 
     print(f"sampling {samples} slices and comparing them with real ones", flush=True)
     sample_codes = hierarchy.sampler_for(prior, samples, *test_grids.shape[1:]).sample(temperature, seed).numpy()
-    generated = np.clip(model.decode(sample_codes).numpy()[..., 0] - model.shift, 0, 1)
+    generated = model.decode_images(sample_codes)[..., 0]
     test = split_images(splits["test"], model.shift)
     real = test[np.linspace(0, len(test) - 1, min(samples, len(test))).astype(int)]
     train_batches = (images.numpy() - model.shift for images in splits["train"].rebatch(256))

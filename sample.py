@@ -34,7 +34,7 @@ def sample_batches(model, prior, grid_shape, n, temperature=1.0, seed=0, batch_s
             samplers[count] = hierarchy.sampler_for(prior, count, height, width)
         report = (lambda row, done=batch * height: progress(done + row)) if progress else None
         codes = samplers[count].sample(temperature, seed + first, progress=report, **at)
-        yield np.clip(model.decode(codes).numpy() - model.shift, 0, 1)
+        yield model.decode_images(codes)
 
 
 def write_samples(model, prior, grid_shape, n, out_dir, temperature=1.0, seed=0, batch_size=16, cmap="gray",

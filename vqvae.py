@@ -567,6 +567,11 @@ class VQVAE(keras.Model):
         """(B, h, w) code indices -> (B, h * d, w * d, 1) images."""
         return self.decoder(tf.gather(self.quantizer.codebook, indices), training=False)
 
+    def decode_images(self, indices):
+        """(B, h, w) code indices -> (B, H, W, 1) NumPy slices in [0, 1], as they are scored
+        and shown: moved back by the shift, clipped."""
+        return np.clip(self.decode(indices).numpy() - self.shift, 0.0, 1.0)
+
     @property
     def metrics(self):
         return [self.total_loss_tracker, self.reconstruction_loss_tracker, self.vq_loss_tracker,

@@ -107,7 +107,7 @@ def main():
     pick = np.linspace(0, len(test) - 1, min(args.samples, len(test))).astype(int)
     real = [grid.numpy() for grid in prior.level_codes(codes[pick])] + [codes[pick]]
     sampler = hierarchy.HierarchicalSampler(prior, len(pick), *codes.shape[1:])
-    decode = lambda grid: np.clip(model.decode(grid).numpy()[..., 0] - model.shift, 0, 1)  # noqa: E731
+    decode = lambda grid: model.decode_images(grid)[..., 0]  # noqa: E731
     train_batches = (lambda: (images.numpy() - model.shift for images in splits["train"].rebatch(256))
                      ) if args.nearest else None  # noqa: E731
     given = prior.names[1:] if args.given is None else args.given

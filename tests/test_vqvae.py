@@ -152,6 +152,20 @@ def test_encoder_decoder_shapes(height, width, filters):
     assert model(images).shape == (2, height, width, 1)
 
 
+def test_decode_images_are_decoded_slices_moved_back_to_0_1():
+    model = vqvae.VQVAE(num_embeddings=8, latent_dim=3, filters=(4, 8), num_res_blocks=1, shift=0.5)
+    model.encode(tf.zeros((1, 16, 16, 1)))  # builds the codebook
+    indices = np.arange(2 * 4 * 4).reshape(2, 4, 4) % 8
+    # Spread the codebook so some decoded pixels fall outside [0, 1] after the shift.
+    model.quantizer.codebook.assign(np.linspace(-30, 30, 24, dtype=np.float32).reshape(8, 3))
+    raw = model.decode(indices).numpy() - 0.5
+    images = model.decode_images(indices)
+    assert isinstance(images, np.ndarray) and images.shape == (2, 16, 16, 1)
+    assert ((raw < 0) | (raw > 1)).any()  # the clip is exercised
+    assert images.min() >= 0 and images.max() <= 1
+    np.testing.assert_allclose(images, np.clip(raw, 0, 1), atol=1e-6)
+
+
 def tiny_images(n=16, size=16, seed=0):
     """Smooth blobs in [-0.5, 0.5]: easy to compress, so training must improve on them."""
     rng = np.random.default_rng(seed)
