@@ -104,6 +104,7 @@ python benchmarks/stability.py --runs "$OUT"-10min-{before-oasis_like,oasis_like
 # ... and longer runs (the README's 0.96 target lines).
 python driver.py --data "$DATA/oasis_like" --max-minutes 35 --epochs 90 --pcnn-epochs 0 --out "$OUT-35min-oasis_like"
 python driver.py --data "$DATA/oasis_like" --max-minutes 57 --epochs 150 --pcnn-epochs 0 --out "$OUT-57min-oasis_like"
+python driver.py --data "$DATA/hipmri_like" --max-minutes 57 --epochs 150 --pcnn-epochs 0 --out "$OUT-57min-hipmri_like"
 # Throughput side by side, alternating, five rounds: the commit before issue 15 (55e362a, with
 # this version's benchmark copied in), f9aa971 (before the faster step) and this version.
 PRE15=$(mktemp -d)
