@@ -59,7 +59,7 @@ class Config:
     grid_every: int = option(1, "reconstruction grid and TensorBoard images every N epochs (0 = only at the end)")
     cmap: str = option("gray", "matplotlib colormap for image grids")
     demo_dir: str = option("demo_data", "where the demo data is written when --data is not given")
-    pcnn_epochs: int = option(8, "PixelCNN prior training epochs (0 = train no prior)")
+    pcnn_epochs: int = option(12, "PixelCNN prior training epochs (0 = train no prior)")
     pcnn_learning_rate: float = option(3e-3, "PixelCNN Adam learning rate at the start, decayed like --learning-rate")
     pcnn_variant: str = option("hierarchical", "'hierarchical' (a gated prior over a coarse top grid, then a gated "
                                                "one over the codes given it), 'gated' (vertical and horizontal "
@@ -81,7 +81,7 @@ class Config:
                                          "codes (0 = two levels); its PixelCNN has the top one's channels")
     pcnn_middle_factor: int = option(2, "hierarchical prior: the side of the middle grid's blocks, in codes")
     pcnn_middle_layers: int = option(6, "hierarchical prior: gated layers of the middle PixelCNN (0 = --pcnn-top-layers)")
-    pcnn_middle_epochs: int = option(12, "hierarchical prior: training epochs of the middle PixelCNN")
+    pcnn_middle_epochs: int = option(8, "hierarchical prior: training epochs of the middle PixelCNN")
     pcnn_condition_blocks: int = option(4, "hierarchical prior: residual 3x3 convolutions that read the grid above "
                                            "around each block for the finer PixelCNNs (0 = its own cell only)")
     pcnn_mirror: bool = option(True, "train the prior on the training slices mirrored left to right too (2x grids)")
