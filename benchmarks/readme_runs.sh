@@ -79,6 +79,8 @@ for run in previous epochs15 b6e6 epochs15-b6e6 b6e6-m10 e14 default; do
     python benchmarks/levels.py --run "$OUT-oasis-$run" --no-controls --no-nearest --top-temperatures 0.7 \
         --given middle bottom --seeds 0 1 2
 done
+python benchmarks/levels.py --run "$OUT-oasis-default" --no-controls --no-nearest --top-temperatures 1.0 0.85 \
+    --given --seeds 0 1 2
 # Issue 15: the VQ-VAE variants, 15 epochs each, and the training step's throughput.
 for variant in "batch:--norm batch --ssim-weight 0 --weights-ema 0" "group:--norm group --ssim-weight 0 --weights-ema 0" \
                "batch-ssim:--norm batch --weights-ema 0" "group-ssim:--weights-ema 0" "default:"; do
