@@ -55,12 +55,12 @@ for seed in 0 1; do
     done
 done
 python benchmarks/prior_step.py --run "$OUT-oasis-default" --level middle --layers 12 6
-# ... and level by level, this version's default against a 15-epoch VQ-VAE, each with a 6-layer
-# bottom, the first with a 10-layer middle too (the README's "sharper VQ-VAE" tables, whose
-# 15-epoch run was commit f9aa971's default run). Those tables were measured on the previous
-# default, with the bottom PixelCNN at 8 epochs and the middle at 12.
-python driver.py --data "$DATA/oasis_like" --pcnn-epochs 8 --pcnn-middle-epochs 12 --out "$OUT-oasis-previous"
-python driver.py --data "$DATA/oasis_like" --epochs 15 --pcnn-epochs 8 --pcnn-middle-epochs 12 --out "$OUT-oasis-epochs15"
+# ... and level by level, the previous default (the bottom PixelCNN at 8 epochs, the middle at 12)
+# against a 15-epoch VQ-VAE, each with a 6-layer bottom, the first with a 10-layer middle too (the
+# README's "sharper VQ-VAE" tables, whose 15-epoch run was commit f9aa971's default run).
+PREVIOUS="--pcnn-epochs 8 --pcnn-middle-epochs 12"
+python driver.py --data "$DATA/oasis_like" $PREVIOUS --out "$OUT-oasis-previous"
+python driver.py --data "$DATA/oasis_like" --epochs 15 $PREVIOUS --out "$OUT-oasis-epochs15"
 python benchmarks/retrain_level.py --run "$OUT-oasis-previous" --out "$OUT-oasis-b6e6" --level bottom \
     --set pcnn_layers=6 pcnn_epochs=6
 python benchmarks/retrain_level.py --run "$OUT-oasis-epochs15" --out "$OUT-oasis-epochs15-b6e6" --level bottom \
