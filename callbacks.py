@@ -91,7 +91,7 @@ class ReconstructionImages(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         if self.every and (epoch + 1) % self.every == 0:
-            reconstructions = np.clip(self.model(self.images, training=False).numpy() - self.shift, 0, 1)
+            reconstructions = self.model.reconstruct_images(self.images - self.shift)
             pairs = np.concatenate([np.clip(self.images - self.shift, 0, 1), reconstructions], axis=2)
             with self.writer.as_default():
                 tf.summary.image("validation slices | reconstructions", pairs, step=epoch, max_outputs=len(pairs))

@@ -572,6 +572,12 @@ class VQVAE(keras.Model):
         and shown: moved back by the shift, clipped."""
         return np.clip(self.decode(indices).numpy() - self.shift, 0.0, 1.0)
 
+    def reconstruct_images(self, slices):
+        """(B, H, W, 1) slices in [0, 1] -> their (B, H, W, 1) NumPy reconstructions in [0, 1],
+        as they are scored and shown: moved by the shift, reconstructed, moved back, clipped."""
+        moved = np.asarray(slices, np.float32) + self.shift
+        return np.clip(self(moved, training=False).numpy() - self.shift, 0.0, 1.0)
+
     @property
     def metrics(self):
         return [self.total_loss_tracker, self.reconstruction_loss_tracker, self.vq_loss_tracker,

@@ -190,8 +190,7 @@ def main():
     start = time.time()
     residuals = []
     for batch in range(0, len(images), 16):
-        chunk = images[batch: batch + 16, ..., None] + model.shift
-        reconstructed = np.clip(model(chunk).numpy()[..., 0] - model.shift, 0, 1)
+        reconstructed = model.reconstruct_images(images[batch: batch + 16, ..., None])[..., 0]
         residuals.append(ndimage.gaussian_filter(np.abs(images[batch: batch + 16] - reconstructed),
                                                  (0, anomaly.SMOOTHING, anomaly.SMOOTHING)))
     residuals = np.concatenate(residuals)

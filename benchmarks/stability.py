@@ -73,9 +73,9 @@ def region_ssim(run, data_root, slices=96):
     found = {}
     for name in ("vqvae.keras", "vqvae_last.keras"):
         model = runs.load_model(run, name)
-        outputs = np.concatenate([model(images[i: i + 16, ..., None].astype(np.float32) + model.shift).numpy()
-                                  for i in range(0, len(images), 16)])[..., 0] - model.shift
-        pixels = ssim_map(images, np.clip(outputs, 0, 1).astype(np.float64))
+        outputs = np.concatenate([model.reconstruct_images(images[i: i + 16, ..., None])
+                                  for i in range(0, len(images), 16)])[..., 0]
+        pixels = ssim_map(images, outputs.astype(np.float64))
         border = np.ones(pixels.shape[1:], bool)
         border[BORDER:-BORDER, BORDER:-BORDER] = False
         found[name] = (float(pixels[heads].mean()), float(pixels[~heads].mean()), float(pixels.mean()),

@@ -166,6 +166,16 @@ def test_decode_images_are_decoded_slices_moved_back_to_0_1():
     np.testing.assert_allclose(images, np.clip(raw, 0, 1), atol=1e-6)
 
 
+def test_reconstruct_images_take_and_give_slices_in_0_1():
+    model = vqvae.VQVAE(num_embeddings=8, latent_dim=3, filters=(4, 8), num_res_blocks=1, shift=-0.5)
+    slices = np.random.default_rng(0).uniform(0, 1, (2, 16, 16, 1))
+    raw = model(tf.constant(slices + -0.5, tf.float32)).numpy() + 0.5  # what the model gives, moved back
+    images = model.reconstruct_images(slices)
+    assert isinstance(images, np.ndarray) and images.shape == (2, 16, 16, 1)
+    assert images.min() >= 0 and images.max() <= 1
+    np.testing.assert_allclose(images, np.clip(raw, 0, 1), atol=1e-6)
+
+
 def tiny_images(n=16, size=16, seed=0):
     """Smooth blobs in [-0.5, 0.5]: easy to compress, so training must improve on them."""
     rng = np.random.default_rng(seed)
