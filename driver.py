@@ -84,6 +84,9 @@ class Config:
     pcnn_middle_epochs: int = option(8, "hierarchical prior: training epochs of the middle PixelCNN")
     pcnn_condition_blocks: int = option(4, "hierarchical prior: residual 3x3 convolutions that read the grid above "
                                            "around each block for the finer PixelCNNs (0 = its own cell only)")
+    pcnn_condition_slips: float = option(0.0, "hierarchical prior: share of the grid above's codes swapped, in "
+                                              "training, for that level's own teacher-forced draws, so each finer "
+                                              "PixelCNN learns to follow drawn grids, not only real ones")
     pcnn_mirror: bool = option(True, "train the prior on the training slices mirrored left to right too (2x grids)")
     pcnn_position_bins: int = option(0, "hierarchical prior: condition the top grid on the slice's level in its "
                                         "volume, in this many bins (0 = no position)")
@@ -219,6 +222,8 @@ def validate(c):
         (c.pcnn_head_units >= 0, f"--pcnn-head-units must be >= 0 (0 = --pcnn-filters), got {c.pcnn_head_units}"),
         (c.slice_axis in (-3, -2, -1, 0, 1, 2), f"--slice-axis must be one of 0, 1, 2 (or -1..-3), got {c.slice_axis}"),
         (0 <= c.pcnn_top_dropout < 1, f"--pcnn-top-dropout must be in [0, 1), got {c.pcnn_top_dropout}"),
+        (0 <= c.pcnn_condition_slips <= 1,
+         f"--pcnn-condition-slips must be in [0, 1], got {c.pcnn_condition_slips}"),
         (c.pcnn_middle_codes != 1, "--pcnn-middle-codes must be 0 (no middle grid) or >= 2, got 1"),
         (not c.pcnn_middle_codes or (c.pcnn_middle_factor < c.pcnn_top_factor
                                      and c.pcnn_top_factor % c.pcnn_middle_factor == 0),

@@ -404,16 +404,34 @@ def training_grids(codes, positions, mirror):
     return grids, positions
 
 
-def code_dataset(grids, batch_size, shuffle=False, seed=0, condition=None, hidden_share=0.0, epoch_size=None):
+def code_dataset(grids, batch_size, shuffle=False, seed=0, condition=None, hidden_share=0.0, epoch_size=None,
+                 slips=None, slip_share=0.0):
     """(codes, codes) batches of (N, h, w) code grids: a PixelCNN predicts its own input
     (((codes, condition), codes) for a conditional one, whose condition is replaced by class
     0, "unknown", for a random `hidden_share` of the grids, anew each epoch). With
-    `epoch_size`, each pass (epoch) is that many grids drawn anew from the shuffled N."""
-    dataset = tf.data.Dataset.from_tensor_slices((grids if condition is None else (grids, condition), grids))
+    `epoch_size`, each pass (epoch) is that many grids drawn anew from the shuffled N. With
+    `slips` ((N, R, h', w') alternatives to each condition grid, e.g. `teacher_forced_draws`),
+    a random `slip_share` of each condition grid's codes is taken from one of its R
+    alternatives, anew each time a grid is used."""
+    if slips is not None and condition is None:
+        raise ValueError("slips replace codes of the condition grids, and there is no condition")
+    inputs = grids if condition is None else (grids, condition) if slips is None else (grids, condition, slips)
+    dataset = tf.data.Dataset.from_tensor_slices((inputs, grids))
     if shuffle:
         dataset = dataset.shuffle(len(grids), seed=seed)
     if epoch_size:
         dataset = dataset.take(epoch_size)
+    if slips is not None:
+        def slip(inputs, target, draw):
+            codes, real, alternatives = inputs
+            pick = tf.random.stateless_uniform(tf.shape(real), tf.stack([draw, 1])) < slip_share
+            which = tf.random.stateless_uniform((), tf.stack([draw, 2]), maxval=tf.shape(alternatives)[0],
+                                                dtype=tf.int32)
+            return (codes, tf.where(pick, alternatives[which], real)), target
+
+        draws = tf.data.Dataset.random(seed=seed + 1, rerandomize_each_iteration=True)
+        dataset = tf.data.Dataset.zip(dataset, draws).map(
+            lambda pair, draw: slip(*pair, draw))
     if hidden_share and condition is not None:
         def hide(inputs, target, draw):
             hidden = tf.cast(draw % 1000, tf.float32) < 1000 * hidden_share
@@ -422,6 +440,25 @@ def code_dataset(grids, batch_size, shuffle=False, seed=0, condition=None, hidde
         dataset = tf.data.Dataset.zip(dataset, tf.data.Dataset.random(seed=seed)).map(
             lambda pair, draw: hide(*pair, draw))
     return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def teacher_forced_draws(network, grids, condition=None, draws=4, seed=0, batch_size=64):
+    """(N, draws, h, w) alternatives to (N, h, w) code grids: each code drawn from the
+    PixelCNN's distribution given the real codes before it (one parallel pass per batch, as
+    in training), i.e. the slips its sampler makes where it has drawn the codes before right.
+    A finer level trained on its condition grids with some codes swapped for these
+    (`code_dataset(slips=...)`) learns to follow the grids the coarser level draws, not only
+    real ones: the "conditioning augmentation" of cascaded generative models."""
+    out = []
+    for start in range(0, len(grids), batch_size):
+        chunk = tf.constant(grids[start: start + batch_size])
+        inputs = chunk if condition is None else (chunk, tf.constant(condition[start: start + batch_size]))
+        logits = network(inputs)
+        flat = tf.reshape(logits, (-1, logits.shape[-1]))
+        picks = [tf.reshape(pixelcnn.draw(flat, 1.0, seed + 1000 * start + index), tf.shape(chunk))
+                 for index in range(draws)]
+        out.append(tf.stack(picks, axis=1).numpy().astype(np.int32))
+    return np.concatenate(out)
 
 
 def train_prior(config, model, ordered, run_dir, strategy, positions=None):
@@ -457,11 +494,12 @@ def train_prior(config, model, ordered, run_dir, strategy, positions=None):
 
 
 def fit_prior(network, config, grids, run_dir, name, epochs, log_name, condition=None, hidden_share=0.0,
-              epoch_size=None):
+              epoch_size=None, slips=None):
     """Fit one PixelCNN to {split: grids} (given {split: condition grids}, if conditional,
-    hidden for `hidden_share` of the training grids; each epoch `epoch_size` of the training
-    grids, if given) and return its best checkpoint, RUN/<name>.keras. A fit a killed run
-    finished is loaded."""
+    hidden for `hidden_share` of the training grids, or with `config.pcnn_condition_slips`
+    of their codes swapped for one of the training grids' `slips`; each epoch `epoch_size`
+    of the training grids, if given) and return its best checkpoint, RUN/<name>.keras. A fit
+    a killed run finished is loaded."""
     path, history_file = os.path.join(run_dir, f"{name}.keras"), f"{name}_history.csv"
     finished = len(read_history_rows(os.path.join(run_dir, history_file))) == epochs
     if finished and os.path.exists(path) and not os.path.exists(os.path.join(run_dir, "backup", name)):
@@ -472,7 +510,8 @@ def fit_prior(network, config, grids, run_dir, name, epochs, log_name, condition
     def dataset(split, shuffle=False):
         return code_dataset(grids[split], config.pcnn_batch_size, shuffle, config.seed,
                             None if condition is None else condition[split], hidden_share if shuffle else 0.0,
-                            epoch_size if shuffle else None)
+                            epoch_size if shuffle else None, slips if shuffle else None,
+                            config.pcnn_condition_slips)
 
     stage_callbacks = [callbacks.CosineLearningRate(config.pcnn_learning_rate, epochs),
                  callbacks.BitsPerCode(read_history(os.path.join(run_dir, history_file)),
@@ -511,7 +550,7 @@ def fit_hierarchy(prior, config, model, codes, grids, run_dir, positions):
               f"{known:.0%} of the training slices", flush=True)
         by_position = {split: prior.position_classes(positions[split])[:, None, None] for split in data.SPLITS}
     epochs = {"top": config.pcnn_top_epochs, "middle": config.pcnn_middle_epochs, "bottom": config.pcnn_epochs}
-    condition = by_position
+    condition, above_condition = by_position, None
     for index, (name, network) in enumerate(zip(prior.names, prior.networks)):
         level_grids = grids if name == "bottom" else {split: levels[split][index] for split in data.SPLITS}
         hidden = hierarchy.HIDDEN_POSITION_SHARE if index == 0 and by_position else 0.0
@@ -519,8 +558,15 @@ def fit_hierarchy(prior, config, model, codes, grids, run_dir, positions):
         if index == 0 and config.pcnn_top_shift:
             fit_grids, fit_condition = shifted_top_grids(prior, grids, level_grids, condition, config.pcnn_top_shift)
             epoch_size = len(grids["train"])
+        slips = None
+        if index and config.pcnn_condition_slips:
+            above = prior.networks[index - 1]
+            print(f"{name} PixelCNN: {config.pcnn_condition_slips:.0%} of its condition codes swapped in training "
+                  f"for the {prior.names[index - 1]} PixelCNN's teacher-forced draws", flush=True)
+            slips = teacher_forced_draws(above, condition["train"], above_condition, seed=config.seed)
         network.set_weights(fit_prior(network, config, fit_grids, run_dir, f"prior_{name}", epochs[name],
-                                      f"prior_{name}", fit_condition, hidden, epoch_size).get_weights())
+                                      f"prior_{name}", fit_condition, hidden, epoch_size, slips).get_weights())
+        above_condition = None if condition is None else condition["train"]
         condition = level_grids
     files.atomic_write(os.path.join(run_dir, "pixelcnn.keras"), prior.save)
     return prior

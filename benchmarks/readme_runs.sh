@@ -81,6 +81,14 @@ for run in previous epochs15 b6e6 epochs15-b6e6 b6e6-m10 e14 default; do
 done
 python benchmarks/levels.py --run "$OUT-oasis-default" --no-controls --no-nearest --top-temperatures 1.0 0.85 \
     --given --seeds 0 1 2
+# The coarse grids alone (the README's "too typical" table), and the middle PixelCNN trained on
+# top grids with slips (conditioning augmentation), scored both ways.
+python benchmarks/coarse_levels.py --run "$OUT-oasis-default" --seeds 0 1
+python benchmarks/retrain_level.py --run "$OUT-oasis-default" --out "$OUT-oasis-slips" --level middle \
+    --set pcnn_condition_slips=0.3
+python benchmarks/levels.py --run "$OUT-oasis-slips" --no-controls --no-nearest --top-temperatures 0.7 \
+    --given middle --seeds 0 1 2
+python benchmarks/coarse_levels.py --run "$OUT-oasis-slips" --seeds 0 1
 # Issue 15: the VQ-VAE variants, 15 epochs each, and the training step's throughput.
 for variant in "batch:--norm batch --ssim-weight 0 --weights-ema 0" "group:--norm group --ssim-weight 0 --weights-ema 0" \
                "batch-ssim:--norm batch --weights-ema 0" "group-ssim:--weights-ema 0" "default:"; do

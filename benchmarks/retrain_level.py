@@ -85,7 +85,13 @@ def main():
                  "(a finished run with a hierarchical prior was expected)")
     if os.path.exists(args.out):
         sys.exit(f"retrain_level.py: error: --out {args.out} already exists")
-    changes = dict(parse_setting(text, saved) for text in args.set)
+    import dataclasses
+
+    import driver
+
+    # A run made before a setting existed ran with its default.
+    defaults = {field.name: field.default for field in dataclasses.fields(driver.Config)}
+    changes = dict(parse_setting(text, {**defaults, **saved}) for text in args.set)
 
     dropped = {f"prior_{args.level}.keras", f"prior_{args.level}_history.csv", f"prior_{args.level}_loss.png",
                "pixelcnn.keras", "samples", "report.html", "samples_nearest.png"}

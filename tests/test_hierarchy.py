@@ -134,6 +134,56 @@ def test_training_hides_the_position_of_a_share_of_grids_anew_each_epoch():
     assert all(inputs.shape == (100, 2, 2) for inputs, _ in plain)
 
 
+def test_finer_levels_train_on_condition_grids_with_a_share_of_codes_slipped():
+    """Conditioning augmentation: each time a grid is used, about `slip_share` of its
+    condition codes come from one of its alternatives, the others stay real; validation
+    batches (no slips) see the real condition."""
+    import train
+
+    grids = np.arange(200, dtype=np.int32)[:, None, None] * np.ones((1, 4, 4), np.int32)
+    condition = np.zeros((200, 4, 4), np.int32)
+    slips = np.stack([np.full((200, 4, 4), 1 + r, np.int32) for r in range(3)], axis=1)  # (N, 3, 4, 4)
+    dataset = train.code_dataset(grids, 50, shuffle=True, seed=0, condition=condition, slips=slips, slip_share=0.3)
+    epochs = []
+    for _ in range(2):
+        batches = []
+        for (codes, given), target in dataset:
+            np.testing.assert_array_equal(codes.numpy(), target.numpy())
+            batches.append((codes.numpy()[:, 0, 0], given.numpy()))
+        ids, given = (np.concatenate(part) for part in zip(*batches))
+        epochs.append(given[np.argsort(ids)])  # by grid
+    seen = np.concatenate(epochs)
+    assert 0.25 < np.mean(seen != 0) < 0.35  # the share slipped
+    assert set(np.unique(seen)) == {0, 1, 2, 3}  # every alternative is used
+    per_grid = [set(np.unique(grid)) - {0} for grid in seen]
+    assert all(len(values) <= 1 for values in per_grid)  # one alternative per use of a grid
+    assert not np.array_equal(epochs[0] != 0, epochs[1] != 0)  # each grid slipped anew each epoch
+    plain = train.code_dataset(grids, 50, condition=condition)
+    assert all((inputs[1].numpy() == 0).all() for inputs, _ in plain)
+    with pytest.raises(ValueError, match="no condition"):
+        train.code_dataset(grids, 50, slips=slips, slip_share=0.3)
+
+
+def test_teacher_forced_draws_follow_the_prior_given_the_real_codes_before():
+    import train
+
+    prior = random_prior(scale=0.4)
+    rng = np.random.default_rng(2)
+    tops = rng.integers(0, 4, (40, 4, 4)).astype(np.int32)
+    draws = train.teacher_forced_draws(prior.top, tops, draws=3, seed=0, batch_size=16)
+    assert draws.shape == (40, 3, 4, 4) and draws.dtype == np.int32 and draws.min() >= 0 and draws.max() < 4
+    assert not np.array_equal(draws[:, 0], draws[:, 1])
+    # A network sure of one code everywhere: every draw is that code.
+    sure = random_prior(scale=0.0)
+    bias = sure.top.weights[-1]
+    bias.assign(np.where(np.arange(4) == 2, 50.0, 0.0).astype(np.float32))
+    assert (train.teacher_forced_draws(sure.top, tops, draws=2) == 2).all()
+    # A conditioned level: its draws take its condition grid.
+    codes = rng.integers(0, 6, (10, 8, 8)).astype(np.int32)
+    level = prior.top_codes(codes).numpy()
+    assert train.teacher_forced_draws(prior.bottom, codes, level, draws=2).shape == (10, 2, 8, 8)
+
+
 def test_top_prior_learns_from_shifted_grids_a_new_draw_each_epoch():
     import train
 
