@@ -89,6 +89,16 @@ python benchmarks/retrain_level.py --run "$OUT-oasis-default" --out "$OUT-oasis-
 python benchmarks/levels.py --run "$OUT-oasis-slips" --no-controls --no-nearest --top-temperatures 0.7 \
     --given middle --seeds 0 1 2
 python benchmarks/coarse_levels.py --run "$OUT-oasis-slips" --seeds 0 1
+# The top PixelCNN with dropout: the top grids alone, then whole samples at three temperatures.
+python benchmarks/retrain_level.py --run "$OUT-oasis-default" --out "$OUT-oasis-td2" --level top \
+    --set pcnn_top_dropout=0.2
+python benchmarks/retrain_level.py --run "$OUT-oasis-default" --out "$OUT-oasis-td3e20" --level top \
+    --set pcnn_top_dropout=0.3 pcnn_top_epochs=20
+for run in td2 td3e20; do
+    python benchmarks/coarse_levels.py --run "$OUT-oasis-$run" --top-only
+done
+python benchmarks/levels.py --run "$OUT-oasis-td2" --no-controls --no-nearest --top-temperatures 1.0 0.85 0.7 \
+    --given --seeds 0 1 2
 # Issue 15: the VQ-VAE variants, 15 epochs each, and the training step's throughput.
 for variant in "batch:--norm batch --ssim-weight 0 --weights-ema 0" "group:--norm group --ssim-weight 0 --weights-ema 0" \
                "batch-ssim:--norm batch --weights-ema 0" "group-ssim:--weights-ema 0" "default:"; do
