@@ -97,6 +97,7 @@ python benchmarks/retrain_level.py --run "$OUT-oasis-default" --out "$OUT-oasis-
 for run in td2 td3e20; do
     python benchmarks/coarse_levels.py --run "$OUT-oasis-$run" --top-only
 done
+python benchmarks/coarse_levels.py --run "$OUT-oasis-td2" --top-temperatures 1.0
 python benchmarks/levels.py --run "$OUT-oasis-td2" --no-controls --no-nearest --top-temperatures 1.0 0.85 0.7 \
     --given --seeds 0 1 2
 # Issue 15: the VQ-VAE variants, 15 epochs each, and the training step's throughput.

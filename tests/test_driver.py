@@ -222,9 +222,10 @@ def test_multiworker_strategy_runs_as_a_single_worker(oasis_root, tmp_path):
 
 
 def test_hierarchical_prior_run_samples_and_reloads(oasis_root, tmp_path):
-    """A tiny run of the hierarchical prior, its top grid conditioned on the slice position
-    (the unconditioned default differs in building no position input: its sampler is covered
-    in tests/test_hierarchy.py, its `sample --position` error below, without a run)."""
+    """A tiny run of the hierarchical prior, its top grid conditioned on the slice position,
+    the finer levels trained on condition grids with slips (the unconditioned default differs
+    in building no position input: its sampler is covered in tests/test_hierarchy.py, its
+    `sample --position` error below, without a run)."""
     import hierarchy
 
     run = str(tmp_path / "run")
@@ -232,7 +233,7 @@ def test_hierarchical_prior_run_samples_and_reloads(oasis_root, tmp_path):
                               "--pcnn-variant", "hierarchical", "--pcnn-top-codes", "4", "--pcnn-top-factor", "4",
                               "--pcnn-top-filters", "8", "--pcnn-top-layers", "2", "--pcnn-top-epochs", "2",
                               "--pcnn-middle-codes", "6", "--pcnn-middle-epochs", "2",
-                              "--pcnn-position-bins", "10"])
+                              "--pcnn-position-bins", "10", "--pcnn-condition-slips", "0.5"])
     assert metrics["prior_variant"] == "hierarchical" and 0 < metrics["prior_test_bits_per_code"]
     prior = keras.models.load_model(os.path.join(run, "pixelcnn.keras"))
     assert isinstance(prior, hierarchy.HierarchicalPrior) and prior.top_codebook.numpy().any()
