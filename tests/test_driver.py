@@ -76,6 +76,7 @@ def test_help_lists_every_flag_with_its_default():
     (["--pcnn-condition-blocks", "-1"], "--pcnn-condition-blocks must be >= 0, got -1"),
     (["--pcnn-middle-layers", "-1"], "--pcnn-middle-layers must be >= 0, got -1"),
     (["--pcnn-top-dropout", "1"], "--pcnn-top-dropout must be in [0, 1), got 1.0"),
+    (["--pcnn-condition-slips", "1.5"], "--pcnn-condition-slips must be in [0, 1], got 1.5"),
     (["sample", "--run", "/nowhere", "--n", "0"], "--n must be >= 1, got 0"),
 ])
 def test_bad_flags_exit_with_one_line(argv, message):
