@@ -98,6 +98,10 @@ for run in td2 td3e20; do
     python benchmarks/coarse_levels.py --run "$OUT-oasis-$run" --top-only
 done
 python benchmarks/coarse_levels.py --run "$OUT-oasis-td2" --top-temperatures 1.0
+python benchmarks/retrain_level.py --run "$OUT-oasis-td2" --out "$OUT-oasis-td2-m12" --level middle \
+    --set pcnn_middle_epochs=12
+python benchmarks/levels.py --run "$OUT-oasis-td2-m12" --no-controls --no-nearest --top-temperatures 1.0 \
+    --given middle --seeds 0 1 2
 python benchmarks/levels.py --run "$OUT-oasis-td2" --no-controls --no-nearest --top-temperatures 1.0 0.85 0.7 \
     --given --seeds 0 1 2
 # Issue 15: the VQ-VAE variants, 15 epochs each, and the training step's throughput.
