@@ -12,6 +12,7 @@ logs in RUN/logs/<stage>.
 """
 
 import csv
+import functools
 import os
 import shutil
 import sys
@@ -497,20 +498,21 @@ def fit_prior(network, config, grids, run_dir, name, epochs, log_name, condition
               epoch_size=None, slips=None):
     """Fit one PixelCNN to {split: grids} (given {split: condition grids}, if conditional,
     hidden for `hidden_share` of the training grids, or with `config.pcnn_condition_slips`
-    of their codes swapped for one of the training grids' `slips`; each epoch `epoch_size`
-    of the training grids, if given) and return its best checkpoint, RUN/<name>.keras. A fit
-    a killed run finished is loaded."""
+    of their codes swapped for one of the training grids' alternatives, which `slips()`
+    gives when the fit starts; each epoch `epoch_size` of the training grids, if given) and
+    return its best checkpoint, RUN/<name>.keras. A fit a killed run finished is loaded."""
     path, history_file = os.path.join(run_dir, f"{name}.keras"), f"{name}_history.csv"
     finished = len(read_history_rows(os.path.join(run_dir, history_file))) == epochs
     if finished and os.path.exists(path) and not os.path.exists(os.path.join(run_dir, "backup", name)):
         print(f"{name} finished before the run stopped: loading {name}.keras", flush=True)
         return keras.models.load_model(path)
     resume_point(run_dir, name, history_file)
+    alternatives = slips() if slips else None
 
     def dataset(split, shuffle=False):
         return code_dataset(grids[split], config.pcnn_batch_size, shuffle, config.seed,
                             None if condition is None else condition[split], hidden_share if shuffle else 0.0,
-                            epoch_size if shuffle else None, slips if shuffle else None,
+                            epoch_size if shuffle else None, alternatives if shuffle else None,
                             config.pcnn_condition_slips)
 
     stage_callbacks = [callbacks.CosineLearningRate(config.pcnn_learning_rate, epochs),
@@ -559,17 +561,22 @@ def fit_hierarchy(prior, config, model, codes, grids, run_dir, positions):
             fit_grids, fit_condition = shifted_top_grids(prior, grids, level_grids, condition, config.pcnn_top_shift)
             epoch_size = len(grids["train"])
         slips = None
-        if index and config.pcnn_condition_slips:
-            above = prior.networks[index - 1]
-            print(f"{name} PixelCNN: {config.pcnn_condition_slips:.0%} of its condition codes swapped in training "
-                  f"for the {prior.names[index - 1]} PixelCNN's teacher-forced draws", flush=True)
-            slips = teacher_forced_draws(above, condition["train"], above_condition, seed=config.seed)
+        if index and config.pcnn_condition_slips:  # drawn only if this level is (still) to be trained
+            slips = functools.partial(condition_slips, prior, index, condition["train"], above_condition, config)
         network.set_weights(fit_prior(network, config, fit_grids, run_dir, f"prior_{name}", epochs[name],
                                       f"prior_{name}", fit_condition, hidden, epoch_size, slips).get_weights())
         above_condition = None if condition is None else condition["train"]
         condition = level_grids
     files.atomic_write(os.path.join(run_dir, "pixelcnn.keras"), prior.save)
     return prior
+
+
+def condition_slips(prior, index, condition, above_condition, config):
+    """The slips of level `index`'s training condition grids (the level above's grids, which
+    that level's PixelCNN saw with `above_condition`): its `teacher_forced_draws`."""
+    print(f"{prior.names[index]} PixelCNN: {config.pcnn_condition_slips:.0%} of its condition codes swapped in "
+          f"training for the {prior.names[index - 1]} PixelCNN's teacher-forced draws", flush=True)
+    return teacher_forced_draws(prior.networks[index - 1], condition, above_condition, seed=config.seed)
 
 
 def shifted_top_grids(prior, grids, top_grids, condition, shift):

@@ -41,8 +41,8 @@ def decode_level(model, prior, grid, level, batch_size=32):
     height, width = (side * factor for side in grid.shape[1:])
     images = []
     for start in range(0, len(grid), batch_size):
-        vectors = tf.gather(centres, tf.constant(grid[start: start + batch_size]))
-        vectors = tf.repeat(tf.repeat(vectors, factor, axis=1), factor, axis=2)[:, :height, :width]
+        vectors = prior.upsample(tf.gather(centres, tf.constant(grid[start: start + batch_size])), height, width,
+                                 factor)
         images.append(np.clip(model.decoder(vectors, training=False).numpy() - model.shift, 0.0, 1.0))
     return np.concatenate(images)[..., 0]
 
