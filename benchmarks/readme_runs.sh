@@ -191,3 +191,13 @@ $SHOT --window-size=1400,820 --screenshot="$PWD/resources/tensorboard_scalars.pn
 $SHOT --window-size=1400,800 --screenshot="$PWD/resources/tensorboard_images.png" \
     "http://127.0.0.1:6006/?darkMode=false#images&tagFilter=validation"
 kill $TENSORBOARD
+# Issue 14, 2026-12-06: two whole runs with a dropout top and a longer middle (the README's
+# "two whole runs" table).
+/usr/bin/time -v python driver.py --data "$DATA/oasis_like" --pcnn-top-dropout 0.2 --pcnn-top-temperature 1.0 \
+    --pcnn-middle-epochs 12 --out "$OUT-oasis-td2m12"
+/usr/bin/time -v python driver.py --data "$DATA/oasis_like" --epochs 18 --pcnn-top-dropout 0.2 \
+    --pcnn-top-temperature 0.85 --pcnn-middle-epochs 10 --out "$OUT-oasis-td2m10e18"
+for run in td2m12 td2m10e18; do
+    python benchmarks/levels.py --run "$OUT-oasis-$run" --no-controls --no-nearest --top-temperatures 1.0 0.85 \
+        --given middle --seeds 0 1 2
+done
