@@ -165,7 +165,7 @@ def score_batch(model, images, ms_settings=None):
               "psnr": vqvae.image_psnr(images, reconstructions, model.shift).numpy(),
               "codes": indices.numpy(),
               "originals": np.asarray(images) - model.shift,
-              "reconstructions": np.clip(reconstructions.numpy() - model.shift, 0.0, 1.0)}
+              "reconstructions": model.to_slices(reconstructions)}
     if ms_settings:
         scores["ms_ssim"] = ms_ssim(scores["originals"], scores["reconstructions"], ms_settings).numpy()
     return scores

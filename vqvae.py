@@ -567,16 +567,20 @@ class VQVAE(keras.Model):
         """(B, h, w) code indices -> (B, h * d, w * d, 1) images."""
         return self.decoder(tf.gather(self.quantizer.codebook, indices), training=False)
 
+    def to_slices(self, outputs):
+        """Decoder outputs -> NumPy slices in [0, 1], as they are scored and shown: moved back
+        by the shift, clipped."""
+        return np.clip(np.asarray(outputs) - self.shift, 0.0, 1.0)
+
     def decode_images(self, indices):
-        """(B, h, w) code indices -> (B, H, W, 1) NumPy slices in [0, 1], as they are scored
-        and shown: moved back by the shift, clipped."""
-        return np.clip(self.decode(indices).numpy() - self.shift, 0.0, 1.0)
+        """(B, h, w) code indices -> (B, H, W, 1) NumPy slices in [0, 1] (`to_slices`)."""
+        return self.to_slices(self.decode(indices))
 
     def reconstruct_images(self, slices):
         """(B, H, W, 1) slices in [0, 1] -> their (B, H, W, 1) NumPy reconstructions in [0, 1],
         as they are scored and shown: moved by the shift, reconstructed, moved back, clipped."""
         moved = np.asarray(slices, np.float32) + self.shift
-        return np.clip(self(moved, training=False).numpy() - self.shift, 0.0, 1.0)
+        return self.to_slices(self(moved, training=False))
 
     @property
     def metrics(self):

@@ -43,7 +43,7 @@ def decode_level(model, prior, grid, level, batch_size=32):
     for start in range(0, len(grid), batch_size):
         vectors = prior.upsample(tf.gather(centres, tf.constant(grid[start: start + batch_size])), height, width,
                                  factor)
-        images.append(np.clip(model.decoder(vectors, training=False).numpy() - model.shift, 0.0, 1.0))
+        images.append(model.to_slices(model.decoder(vectors, training=False)))
     return np.concatenate(images)[..., 0]
 
 
