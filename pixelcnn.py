@@ -107,7 +107,7 @@ class MaskedConv2D(layers.Layer):
         self.bias = self.add_weight(shape=(self.filters,), name="bias", initializer="zeros")
 
     def box_kernel(self):
-        return self.kernel * self.box_mask[:, :, None, None]
+        return tf.cast(self.kernel, self.compute_dtype) * self.box_mask[:, :, None, None]
 
     def masked_kernel(self):
         """The full (k, k, in, out) kernel, zero wherever the mask is."""
@@ -124,7 +124,7 @@ class MaskedConv2D(layers.Layer):
         outputs = tf.nn.conv2d(padded, self.box_kernel(), strides=1, padding="VALID")
         # Boxes that end above the centre row (VA) or left of the centre (A, HA) give extra
         # rows or columns at the end.
-        return outputs[:, : tf.shape(inputs)[1], : tf.shape(inputs)[2]] + self.bias
+        return outputs[:, : tf.shape(inputs)[1], : tf.shape(inputs)[2]] + tf.cast(self.bias, self.compute_dtype)
 
     def get_config(self):
         config = super().get_config()
@@ -209,7 +209,9 @@ class PixelCNN(keras.Model):
             self._build_gated()
         self.dropout = layers.Dropout(self.dropout_rate, name="dropout")
         self.head = layers.Dense(self.head_units, activation="relu", name="head")
-        self.logits = layers.Dense(self.num_embeddings, name="logits")
+        # Logits in float32 even when the rest computes in bfloat16 (`train.prior_twin`): the
+        # softmax over K codes needs more than bfloat16's 8 bits of precision.
+        self.logits = layers.Dense(self.num_embeddings, name="logits", dtype="float32")
         # Create every weight now, so the model saves and loads as is.
         side = max(1, self.condition_factor)
         codes = tf.zeros((1, side, side), tf.int32)
@@ -269,11 +271,11 @@ class PixelCNN(keras.Model):
         """What a (B, ceil(h / f), ceil(w / f)) condition grid (None without one) and the
         position embedding add to each gated layer of `batch` (h, w) code grids: a list of
         (vertical, horizontal) (B, h, w, 2 * filters) terms."""
-        c = tf.zeros((batch, height, width, self.condition_units))
+        c = tf.zeros((batch, height, width, self.condition_units), self.compute_dtype)
         if self.condition_classes:
             c = c + self.grid_condition(condition, height, width)
         if self.position_grid:
-            c = c + self.position_embedding[None, :height, :width]
+            c = c + tf.cast(self.position_embedding[None, :height, :width], c.dtype)
         return [(to_vertical(c), to_horizontal(c)) for to_vertical, to_horizontal in self.condition_layers]
 
     def grid_condition(self, condition, height, width):
@@ -290,7 +292,7 @@ class PixelCNN(keras.Model):
                 c = tf.repeat(tf.repeat(c, self.condition_factor, axis=1), self.condition_factor, axis=2)
             c = c[:, :height, :width]  # the last block row and column may overhang the grid
         else:  # a global condition: the same at every position
-            c = c[:, :1, :1] * tf.ones((1, height, width, 1))
+            c = c[:, :1, :1] * tf.ones((1, height, width, 1), c.dtype)
         return c
 
     def vertical(self, x, conv, condition=None):

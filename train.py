@@ -76,9 +76,48 @@ def build_prior(config):
         prior = pixelcnn.PixelCNN(config.K, config.pcnn_variant, num_res_blocks=config.pcnn_res_blocks, **settings)
         networks = [prior]
     for network in networks:
-        network.compile(optimizer=keras.optimizers.Adam(config.pcnn_learning_rate),
-                        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=config.jit)
+        compile_prior(network, config)
     return prior
+
+
+def compile_prior(network, config):
+    network.compile(optimizer=keras.optimizers.Adam(config.pcnn_learning_rate),
+                    loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=config.jit)
+
+
+def native_bfloat16():
+    """The CPU flag that says this CPU multiplies bfloat16 in hardware (AMX or AVX512-BF16,
+    which oneDNN uses), or None (elsewhere bfloat16 is emulated, and slower than float32)."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags = next((line.split(":", 1)[1].split() for line in cpuinfo if line.startswith("flags")), [])
+    except OSError:  # not Linux
+        return None
+    return next((flag for flag in ("amx_bf16", "avx512_bf16") if flag in flags), None)
+
+
+def prior_precision(config):
+    """'bfloat16' or 'float32': what the PixelCNNs compute in while they train
+    (--pcnn-precision; 'auto' is bfloat16 on a CPU that multiplies it natively, without a GPU)."""
+    if config.pcnn_precision != "auto":
+        return config.pcnn_precision
+    return "bfloat16" if native_bfloat16() and not tf.config.list_physical_devices("GPU") else "float32"
+
+
+def prior_twin(network, config):
+    """A compiled copy of a PixelCNN, with its weights, that computes in bfloat16 (its
+    weights, optimizer and logits stay float32), to train in its place: on a CPU with AMX a
+    training step takes ~25-30% less time. Its checkpoints reload as float32 PixelCNNs (the
+    config does not hold the precision), which is what sampling and scoring use."""
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        with network.distribute_strategy.scope():
+            twin = type(network).from_config(network.get_config())
+            compile_prior(twin, config)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    twin.set_weights(network.get_weights())
+    return twin
 
 
 # ---------------------------------------------------------------------------
@@ -479,6 +518,9 @@ def train_prior(config, model, ordered, run_dir, strategy, positions=None):
     grids, positions = training_grids(codes, positions, config.pcnn_mirror)
     with strategy.scope():
         prior = build_prior(config)
+    if prior_precision(config) == "bfloat16":
+        print(f"the PixelCNNs train in bfloat16 with float32 weights (--pcnn-precision {config.pcnn_precision}; "
+              f"this CPU has {native_bfloat16() or 'no native bfloat16'})", flush=True)
     start = time.time()
     if isinstance(prior, hierarchy.HierarchicalPrior):
         prior = fit_hierarchy(prior, config, model, codes, grids, run_dir, positions)
@@ -500,7 +542,8 @@ def fit_prior(network, config, grids, run_dir, name, epochs, log_name, condition
     hidden for `hidden_share` of the training grids, or with `config.pcnn_condition_slips`
     of their codes swapped for one of the training grids' alternatives, which `slips()`
     gives when the fit starts; each epoch `epoch_size` of the training grids, if given) and
-    return its best checkpoint, RUN/<name>.keras. A fit a killed run finished is loaded."""
+    return its best checkpoint, RUN/<name>.keras (float32, whatever `prior_precision` trained
+    it in). A fit a killed run finished is loaded."""
     path, history_file = os.path.join(run_dir, f"{name}.keras"), f"{name}_history.csv"
     finished = len(read_history_rows(os.path.join(run_dir, history_file))) == epochs
     if finished and os.path.exists(path) and not os.path.exists(os.path.join(run_dir, "backup", name)):
@@ -519,7 +562,8 @@ def fit_prior(network, config, grids, run_dir, name, epochs, log_name, condition
                  callbacks.BitsPerCode(read_history(os.path.join(run_dir, history_file)),
                              os.path.join(run_dir, f"{name}_loss.png"), f"{name}: bits per code",
                              np.log2(network.num_embeddings))]
-    fit_resumably(network, dataset("train", True), run_dir, name, history_file, epochs, "val_loss", "min", stage_callbacks,
+    trainee = prior_twin(network, config) if prior_precision(config) == "bfloat16" else network
+    fit_resumably(trainee, dataset("train", True), run_dir, name, history_file, epochs, "val_loss", "min", stage_callbacks,
                   validation_data=dataset("validate"), log_dir=os.path.join(run_dir, "logs", log_name))
     if not os.path.exists(path):
         raise RuntimeError(f"{name}: the validation loss was never finite, so no prior was saved")

@@ -1,13 +1,16 @@
-"""How long a training step of one level of the hierarchical prior takes, at several depths.
+"""How long a training step of one level of the hierarchical prior takes, at several depths
+and in each precision.
 
-    python benchmarks/prior_step.py --run RUN --level middle --layers 12 6 [--batch 32] [--repeats 3] [--steps 8]
+    python benchmarks/prior_step.py --run RUN --level middle --layers 12 6 [--precisions float32 bfloat16]
+                                    [--batch 32] [--repeats 3] [--steps 8]
 
 Builds that level's PixelCNN from RUN's config.json with each --layers value (the other
-settings as the run has them: channels, head, condition blocks), and times `train_on_batch`
-on --batch random code grids of the level's size (a 64x64 code grid: top 16x16, middle 32x32,
-bottom 64x64), the depths alternating, --repeats rounds of --steps steps each after 3 warm-up
-steps, so that a slower minute of the CPU falls on every depth alike. Prints the fastest and
-slowest round's milliseconds per step and the parameter count of each. Random grids cost
+settings as the run has them: channels, head, condition blocks), trained as each of
+--precisions does it (`train.prior_twin` for bfloat16), and times `train_on_batch` on --batch
+random code grids of the level's size (a 64x64 code grid: top 16x16, middle 32x32, bottom
+64x64), the variants alternating, --repeats rounds of --steps steps each after 3 warm-up
+steps, so that a slower minute of the CPU falls on every variant alike. Prints the fastest
+and slowest round's milliseconds per step and the parameter count of each. Random grids cost
 what real ones do: a step's work does not depend on the codes' values.
 """
 
@@ -43,6 +46,8 @@ def main():
     parser.add_argument("--run", required=True, help="a run with a hierarchical prior (its config.json is read)")
     parser.add_argument("--level", choices=sorted(LAYER_KEYS), default="middle")
     parser.add_argument("--layers", type=int, nargs="+", required=True, help="gated layers to time")
+    parser.add_argument("--precisions", nargs="+", choices=("float32", "bfloat16"), default=["float32"],
+                        help="what the PixelCNN computes in while training (default: float32)")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=8)
@@ -62,21 +67,27 @@ def main():
     rng = np.random.default_rng(0)
     networks, batches = {}, {}
     for layers in args.layers:
-        prior = train.build_prior(types.SimpleNamespace(**{**saved, LAYER_KEYS[args.level]: layers}))
-        networks[layers] = prior.networks[prior.names.index(args.level)]
-        batches[layers] = level_inputs(prior, args.level, args.batch, rng)
-        for _ in range(3):
-            networks[layers].train_on_batch(*batches[layers])
-    times = {layers: [] for layers in args.layers}
+        config = types.SimpleNamespace(**{**saved, LAYER_KEYS[args.level]: layers})
+        prior = train.build_prior(config)
+        network = prior.networks[prior.names.index(args.level)]
+        batch = level_inputs(prior, args.level, args.batch, rng)
+        for precision in args.precisions:
+            variant = (layers, precision)
+            networks[variant] = network if precision == "float32" else train.prior_twin(network, config)
+            batches[variant] = batch
+            for _ in range(3):
+                networks[variant].train_on_batch(*batch)
+    times = {variant: [] for variant in networks}
     for _ in range(args.repeats):
-        for layers, network in networks.items():
+        for variant, network in networks.items():
             start = time.perf_counter()
             for _ in range(args.steps):
-                network.train_on_batch(*batches[layers])
-            times[layers].append((time.perf_counter() - start) / args.steps)
-    for layers, found in times.items():
-        print(f"{args.level} PixelCNN, {layers} layers: {1000 * min(found):.0f}-{1000 * max(found):.0f} ms per "
-              f"step of {args.batch} grids, {networks[layers].count_params():,} parameters", flush=True)
+                network.train_on_batch(*batches[variant])
+            times[variant].append((time.perf_counter() - start) / args.steps)
+    for (layers, precision), found in times.items():
+        print(f"{args.level} PixelCNN, {layers} layers, {precision}: {1000 * min(found):.0f}-{1000 * max(found):.0f} "
+              f"ms per step of {args.batch} grids, {networks[layers, precision].count_params():,} parameters",
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -283,8 +283,9 @@ def test_the_middle_pixelcnn_takes_its_own_depth_and_the_top_one_its_dropout():
 
 
 def test_a_run_made_before_the_middle_grid_reloads_as_it_was(tmp_path):
-    """A config.json from before --pcnn-middle-codes, --pcnn-condition-blocks and
-    --pcnn-top-temperature and --pcnn-bottom-temperature existed resumes as the two-level prior it trained."""
+    """A config.json from before --pcnn-middle-codes, --pcnn-condition-blocks,
+    --pcnn-top-temperature, --pcnn-bottom-temperature and --pcnn-precision existed resumes as
+    the two-level float32-trained prior it was."""
     import runs
 
     saved = {field: value for field, value in dataclasses.asdict(driver.Config()).items()
@@ -292,7 +293,8 @@ def test_a_run_made_before_the_middle_grid_reloads_as_it_was(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(saved))
     config = driver.Config.from_saved(runs.load_config(str(tmp_path)))
     assert (config.pcnn_middle_codes, config.pcnn_condition_blocks, config.pcnn_top_temperature,
-            config.pcnn_bottom_temperature, config.pcnn_middle_layers, config.pcnn_top_dropout) == (0, 0, 1.0, 1.0, 0, 0.0)
+            config.pcnn_bottom_temperature, config.pcnn_middle_layers, config.pcnn_top_dropout,
+            config.pcnn_precision) == (0, 0, 1.0, 1.0, 0, 0.0, "float32")
     assert config.K == driver.Config().K
     (tmp_path / "config.json").write_text(json.dumps({**saved, "pcnn_middle_codes": 256}))
     assert runs.load_config(str(tmp_path))["pcnn_middle_codes"] == 256

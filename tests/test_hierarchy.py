@@ -319,3 +319,54 @@ def test_codes_are_drawn_at_the_priors_bottom_temperature(tmp_path):
     assert keras.models.load_model(path).bottom_temperature == pytest.approx(1e-4)
     with pytest.raises(ValueError, match="bottom_temperature must be > 0"):
         hierarchy.HierarchicalPrior(6, 3, 4, 2, bottom_temperature=-1)
+
+
+def test_a_prior_trained_in_bfloat16_learns_and_reloads_as_float32(tmp_path):
+    """`train.prior_twin` computes in bfloat16 (logits in float32) from the same weights, so
+    its logits are the float32 network's to bfloat16's precision; it learns; and its
+    checkpoint reloads as a float32 PixelCNN that samples exactly."""
+    import types
+
+    import pixelcnn
+    import train
+
+    keras.utils.set_random_seed(0)
+    config = types.SimpleNamespace(pcnn_learning_rate=1e-2, jit=False, pcnn_precision="bfloat16")
+    network = pixelcnn.PixelCNN(4, filters=16, num_layers=2, condition_classes=3, condition_factor=2,
+                                condition_blocks=1, position_grid=(6, 6))
+    train.compile_prior(network, config)
+    twin = train.prior_twin(network, config)
+    assert keras.mixed_precision.global_policy().name == "float32"  # the policy does not leak
+    assert twin.compute_dtype == "bfloat16" and twin.gated_layers[0][0].compute_dtype == "bfloat16"
+    pattern = np.arange(6 * 6).reshape(6, 6) % 4
+    codes = np.repeat(pattern[None], 32, axis=0).astype(np.int32)
+    condition = np.zeros((32, 3, 3), np.int32)
+    logits = twin((codes[:2], condition[:2]))
+    assert logits.dtype == tf.float32
+    np.testing.assert_allclose(logits.numpy(), network((codes[:2], condition[:2])).numpy(), atol=0.05)
+    history = twin.fit((codes, condition), codes, batch_size=8, epochs=15, verbose=0).history
+    assert pixelcnn.bits_per_code(history["loss"][-1]) < 0.5 * np.log2(4)
+    path = str(tmp_path / "prior.keras")
+    twin.save(path)
+    loaded = keras.models.load_model(path)
+    assert loaded.compute_dtype == "float32" and loaded.gated_layers[0][0].compute_dtype == "float32"
+    for saved, trained in zip(loaded.get_weights(), twin.get_weights()):
+        np.testing.assert_array_equal(saved, trained)
+    sampler = pixelcnn.Sampler(loaded, 2, 6, 6)
+    drawn = sampler.sample(1.0, 3, condition=tf.constant(condition[:2]))
+    np.testing.assert_allclose(sampler.used_logits().numpy(), loaded((drawn, condition[:2])).numpy(), atol=1e-4)
+
+
+def test_prior_precision_is_bfloat16_by_default_only_where_the_cpu_has_it(monkeypatch):
+    import types
+
+    import train
+
+    config = types.SimpleNamespace(pcnn_precision="auto")
+    monkeypatch.setattr(train, "native_bfloat16", lambda: None)
+    assert train.prior_precision(config) == "float32"
+    monkeypatch.setattr(train, "native_bfloat16", lambda: "amx_bf16")
+    assert train.prior_precision(config) == "bfloat16"
+    assert train.prior_precision(types.SimpleNamespace(pcnn_precision="float32")) == "float32"
+    monkeypatch.setattr(train, "native_bfloat16", lambda: None)
+    assert train.prior_precision(types.SimpleNamespace(pcnn_precision="bfloat16")) == "bfloat16"
