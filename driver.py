@@ -100,7 +100,7 @@ class Config:
                                       "'multiworker' (machines in TF_CONFIG); --batch-size is the global batch")
     jit: bool = option(False, "compile the training steps with XLA")
     pcnn_precision: str = option("auto", "what the PixelCNNs compute in while training: 'bfloat16' (float32 weights; "
-                                         "~25-30% faster on CPUs with AMX or AVX512-BF16), 'float32', or 'auto' "
+                                         "~20-27% faster on CPUs with AMX or AVX512-BF16), 'float32', or 'auto' "
                                          "(bfloat16 on such a CPU, float32 elsewhere)")
     mixed_precision: bool = option(False, "train the VQ-VAE in float16 with float32 weights (for GPUs; slow on CPU)")
     deterministic: bool = option(True, "repeatable runs for a given --seed (TensorFlow's op determinism)")

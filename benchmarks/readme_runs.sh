@@ -18,8 +18,10 @@ python driver.py --data "$DATA/oasis_like" --pcnn-position-bins 10 --no-pcnn-mir
 python driver.py --data "$DATA/oasis_like" --pcnn-position-bins 10 --out "$OUT-oasis-position-mirror"
 python benchmarks/realism.py --runs "$OUT-oasis-position" "$OUT-oasis-position-mirror"
 python benchmarks/sample_positions.py --run "$OUT-oasis-position-mirror" --out resources/oasis_samples_by_position.png
-# Issue 14: this version's defaults (three-level prior) as one whole run, and which level loses the anatomy.
-/usr/bin/time -v python driver.py --data "$DATA/oasis_like" --out "$OUT-oasis-default"
+# Issue 14: the 2026-12-05 defaults (three-level prior, float32 training) as one whole run, and which
+# level loses the anatomy ("default" below is that run; this version's default run is at the end).
+EARLIER="--pcnn-precision float32 --pcnn-top-dropout 0 --pcnn-top-temperature 0.7 --pcnn-middle-epochs 8"
+/usr/bin/time -v python driver.py --data "$DATA/oasis_like" $EARLIER --out "$OUT-oasis-default"
 python driver.py evaluate --run "$OUT-oasis-default"
 python benchmarks/levels.py --run "$OUT-oasis-default" --samples 160 --top-temperatures 1.0 0.7 \
     --json "$OUT-oasis-default/levels.json"
@@ -58,7 +60,7 @@ python benchmarks/prior_step.py --run "$OUT-oasis-default" --level middle --laye
 # ... and level by level, the previous default (the bottom PixelCNN at 8 epochs, the middle at 12)
 # against a 15-epoch VQ-VAE, each with a 6-layer bottom, the first with a 10-layer middle too (the
 # README's "sharper VQ-VAE" tables, whose 15-epoch run was commit f9aa971's default run).
-PREVIOUS="--pcnn-epochs 8 --pcnn-middle-epochs 12"
+PREVIOUS="--pcnn-epochs 8 --pcnn-middle-epochs 12 --pcnn-precision float32 --pcnn-top-dropout 0 --pcnn-top-temperature 0.7"
 python driver.py --data "$DATA/oasis_like" $PREVIOUS --out "$OUT-oasis-previous"
 python driver.py --data "$DATA/oasis_like" --epochs 15 $PREVIOUS --out "$OUT-oasis-epochs15"
 python benchmarks/retrain_level.py --run "$OUT-oasis-previous" --out "$OUT-oasis-b6e6" --level bottom \
@@ -170,7 +172,6 @@ done
 cp "$OUT-oasis/samples/samples.png" resources/oasis_samples.png
 cp "$OUT-oasis/samples/samples.png" resources/oasis_samples_hierarchical.png
 cp "$OUT-oasis-gated/samples/samples.png" resources/oasis_samples_gated.png
-cp "$OUT-oasis-default/samples/samples.png" resources/oasis_samples_default.png
 for name in samples_nearest codebook_usage ssim_histogram worst_reconstructions; do
     cp "$OUT-oasis/evaluation/$name.png" "resources/oasis_eval_$name.png"
 done
@@ -193,11 +194,22 @@ $SHOT --window-size=1400,800 --screenshot="$PWD/resources/tensorboard_images.png
 kill $TENSORBOARD
 # Issue 14, 2026-12-06: two whole runs with a dropout top and a longer middle (the README's
 # "two whole runs" table).
-/usr/bin/time -v python driver.py --data "$DATA/oasis_like" --pcnn-top-dropout 0.2 --pcnn-top-temperature 1.0 \
-    --pcnn-middle-epochs 12 --out "$OUT-oasis-td2m12"
-/usr/bin/time -v python driver.py --data "$DATA/oasis_like" --epochs 18 --pcnn-top-dropout 0.2 \
-    --pcnn-top-temperature 0.85 --pcnn-middle-epochs 10 --out "$OUT-oasis-td2m10e18"
+/usr/bin/time -v python driver.py --data "$DATA/oasis_like" --pcnn-precision float32 --pcnn-top-temperature 1.0 \
+    --out "$OUT-oasis-td2m12"
+/usr/bin/time -v python driver.py --data "$DATA/oasis_like" --epochs 18 --pcnn-precision float32 \
+    --pcnn-middle-epochs 10 --out "$OUT-oasis-td2m10e18"
 for run in td2m12 td2m10e18; do
     python benchmarks/levels.py --run "$OUT-oasis-$run" --no-controls --no-nearest --top-temperatures 1.0 0.85 \
         --given middle --seeds 0 1 2
 done
+# Issue 14, 2026-12-06 (second session): the PixelCNN training step in float32 and bfloat16, level by
+# level, then this version's default run (bfloat16 training, top dropout 0.2, top grid at 0.85 x T,
+# middle 12 epochs) whole, its samples scored, and 16 samples timed with the model loading.
+python benchmarks/prior_step.py --run "$OUT-oasis-td2m12" --level top --layers 12 --precisions float32 bfloat16
+python benchmarks/prior_step.py --run "$OUT-oasis-td2m12" --level middle --layers 6 --precisions float32 bfloat16
+python benchmarks/prior_step.py --run "$OUT-oasis-td2m12" --level bottom --layers 3 --precisions float32 bfloat16
+/usr/bin/time -v python driver.py --data "$DATA/oasis_like" --out "$OUT-oasis-now"
+python benchmarks/levels.py --run "$OUT-oasis-now" --no-controls --no-nearest --top-temperatures 1.0 0.85 \
+    --given middle --seeds 0 1 2
+time python driver.py sample --run "$OUT-oasis-now" --n 16
+cp "$OUT-oasis-now/samples/samples.png" resources/oasis_samples_default.png

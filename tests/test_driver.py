@@ -274,7 +274,7 @@ def test_the_middle_pixelcnn_takes_its_own_depth_and_the_top_one_its_dropout():
 
     small = dict(K=8, D=4, pcnn_top_codes=4, pcnn_top_filters=8, pcnn_top_layers=3, pcnn_middle_codes=6,
                  pcnn_filters=8, pcnn_layers=2)
-    prior = train.build_prior(driver.Config(**small, pcnn_middle_layers=0))  # 0: the top one's depth, as before
+    prior = train.build_prior(driver.Config(**small, pcnn_middle_layers=0, pcnn_top_dropout=0))  # 0: the top one's depth
     assert (prior.top.num_layers, prior.middle.num_layers, prior.top.dropout_rate) == (3, 3, 0.0)
     prior = train.build_prior(driver.Config(**small, pcnn_middle_layers=2, pcnn_top_dropout=0.25))
     assert (prior.top.num_layers, prior.middle.num_layers, prior.bottom.num_layers) == (3, 2, 2)
