@@ -209,6 +209,8 @@ def test_group_norm_ssim_loss_and_weight_averaging_run_and_reload(oasis_root, tm
     assert 0 < metrics["test_ssim_mean"] <= 1 and len(model.optimizer._model_variables_moving_average) > 0
     assert "--weights-ema must be in [0, 1), got 1.0" in run_error(["--data", oasis_root, "--weights-ema", "1"])
     assert "--norm must be 'batch', 'group' or 'none', got 'layer'" in run_error(["--norm", "layer"])
+    assert "--pcnn-precision must be 'auto', 'float32' or 'bfloat16', got 'half'" in run_error(
+        ["--pcnn-precision", "half"])
 
 
 def test_multiworker_strategy_runs_as_a_single_worker(oasis_root, tmp_path):
