@@ -213,3 +213,9 @@ python benchmarks/levels.py --run "$OUT-oasis-now" --no-controls --no-nearest --
     --given middle --seeds 0 1 2
 time python driver.py sample --run "$OUT-oasis-now" --n 16
 cp "$OUT-oasis-now/samples/samples.png" resources/oasis_samples_default.png
+# ... and its bottom PixelCNN trained 16 epochs instead of 12, scored level by level.
+python benchmarks/retrain_level.py --run "$OUT-oasis-now" --out "$OUT-oasis-now-b16" --level bottom --set pcnn_epochs=16
+python benchmarks/levels.py --run "$OUT-oasis-now-b16" --no-controls --no-nearest --top-temperatures 0.85 \
+    --given middle bottom --seeds 0 1 2
+python benchmarks/levels.py --run "$OUT-oasis-now" --no-controls --no-nearest --top-temperatures 0.85 \
+    --given bottom --seeds 0 1 2
