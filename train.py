@@ -11,6 +11,7 @@ checkpoint written atomically, the history as CSV, a NaN that stops cleanly, and
 logs in RUN/logs/<stage>.
 """
 
+import contextlib
 import csv
 import functools
 import os
@@ -33,12 +34,21 @@ import plots
 import vqvae
 
 
+@contextlib.contextmanager
+def dtype_policy(name):
+    """Layers built inside take Keras' dtype policy `name`; float32 again after (every model
+    this package keeps for sampling and scoring is float32)."""
+    keras.mixed_precision.set_global_policy(name)
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
 def build_vqvae(config):
     """The compiled VQ-VAE of a config (build it inside a tf.distribute scope to distribute it)."""
-    # Layers take the dtype policy in force when they are built: mixed precision for the
-    # VQ-VAE only (the prior and its sampler stay in float32).
-    keras.mixed_precision.set_global_policy("mixed_float16" if config.mixed_precision else "float32")
-    try:
+    # Mixed precision for the VQ-VAE only (the prior and its sampler stay in float32).
+    with dtype_policy("mixed_float16" if config.mixed_precision else "float32"):
         model = vqvae.VQVAE(
             num_embeddings=config.K, latent_dim=config.D, beta=config.beta, filters=config.filters,
             num_res_blocks=config.res_blocks, ema_decay=config.ema_decay, codebook_init=config.codebook_init,
@@ -48,8 +58,6 @@ def build_vqvae(config):
         optimizer = keras.optimizers.Adam(config.learning_rate, use_ema=bool(config.weights_ema),
                                           ema_momentum=config.weights_ema or 0.99)
         model.compile(optimizer=optimizer, jit_compile=config.jit)
-    finally:
-        keras.mixed_precision.set_global_policy("float32")
     return model
 
 
@@ -110,13 +118,9 @@ def prior_twin(network, config):
     training step takes 21-27% less time (benchmarks/prior_step.py). Its checkpoints reload
     as float32 PixelCNNs (the config does not hold the precision), which sampling and
     scoring use."""
-    keras.mixed_precision.set_global_policy("mixed_bfloat16")
-    try:
-        with network.distribute_strategy.scope():
-            twin = type(network).from_config(network.get_config())
-            compile_prior(twin, config)
-    finally:
-        keras.mixed_precision.set_global_policy("float32")
+    with dtype_policy("mixed_bfloat16"), network.distribute_strategy.scope():
+        twin = type(network).from_config(network.get_config())
+        compile_prior(twin, config)
     twin.set_weights(network.get_weights())
     return twin
 
