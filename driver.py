@@ -69,6 +69,8 @@ class Config:
     pcnn_res_blocks: int = option(2, "residual blocks with 3x3 mask-B convolutions ('plain' only)")
     pcnn_head_units: int = option(140, "width of the PixelCNN's 1x1 layer before the logits (0 = --pcnn-filters)")
     pcnn_batch_size: int = option(32, "code grids per PixelCNN batch")
+    pcnn_weights_ema: float = option(0.0, "validate and save each PixelCNN's weights as an exponential moving "
+                                          "average with this momentum (0 = the weights as trained)")
     pcnn_top_codes: int = option(64, "hierarchical prior: codes of the top grid (k-means of blocks of code vectors)")
     pcnn_top_factor: int = option(4, "hierarchical prior: the side of those blocks, in codes (4: 64x64 -> 16x16)")
     pcnn_top_filters: int = option(48, "hierarchical prior: channels of the top PixelCNN (its head is 4x as wide)")
@@ -220,6 +222,7 @@ def validate(c):
     require([
         (0 <= c.ema_decay < 1, f"--ema-decay must be in [0, 1), got {c.ema_decay}"),
         (0 <= c.weights_ema < 1, f"--weights-ema must be in [0, 1), got {c.weights_ema}"),
+        (0 <= c.pcnn_weights_ema < 1, f"--pcnn-weights-ema must be in [0, 1), got {c.pcnn_weights_ema}"),
         (len(c.filters) >= 1 and min(c.filters) >= 1, f"--filters must be positive channel counts, got {c.filters}"),
         (c.pcnn_layers >= (0 if c.pcnn_variant == "plain" else 1), f"--pcnn-layers must be >= 1 for a gated prior, "
                                                                     f">= 0 for the plain one, got {c.pcnn_layers}"),

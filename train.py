@@ -89,7 +89,9 @@ def build_prior(config):
 
 
 def compile_prior(network, config):
-    network.compile(optimizer=keras.optimizers.Adam(config.pcnn_learning_rate),
+    optimizer = keras.optimizers.Adam(config.pcnn_learning_rate, use_ema=bool(config.pcnn_weights_ema),
+                                      ema_momentum=config.pcnn_weights_ema or 0.99)
+    network.compile(optimizer=optimizer,
                     loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=config.jit)
 
 
@@ -563,7 +565,9 @@ def fit_prior(network, config, grids, run_dir, name, epochs, log_name, condition
                             epoch_size if shuffle else None, alternatives if shuffle else None,
                             config.pcnn_condition_slips)
 
-    stage_callbacks = [callbacks.CosineLearningRate(config.pcnn_learning_rate, epochs),
+    # With --pcnn-weights-ema the averaged weights are validated and saved, as for the VQ-VAE.
+    averaged = [keras.callbacks.SwapEMAWeights(swap_on_epoch=True)] if config.pcnn_weights_ema else []
+    stage_callbacks = averaged + [callbacks.CosineLearningRate(config.pcnn_learning_rate, epochs),
                  callbacks.BitsPerCode(read_history(os.path.join(run_dir, history_file)),
                              os.path.join(run_dir, f"{name}_loss.png"), f"{name}: bits per code",
                              np.log2(network.num_embeddings))]

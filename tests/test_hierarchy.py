@@ -331,7 +331,8 @@ def test_a_prior_trained_in_bfloat16_learns_and_reloads_as_float32(tmp_path):
     import train
 
     keras.utils.set_random_seed(0)
-    config = types.SimpleNamespace(pcnn_learning_rate=1e-2, jit=False, pcnn_precision="bfloat16")
+    config = types.SimpleNamespace(pcnn_learning_rate=1e-2, jit=False, pcnn_precision="bfloat16",
+                                   pcnn_weights_ema=0.0)
     network = pixelcnn.PixelCNN(4, filters=16, num_layers=2, condition_classes=3, condition_factor=2,
                                 condition_blocks=1, position_grid=(6, 6))
     train.compile_prior(network, config)
@@ -370,3 +371,30 @@ def test_prior_precision_is_bfloat16_by_default_only_where_the_cpu_has_it(monkey
     assert train.prior_precision(types.SimpleNamespace(pcnn_precision="float32")) == "float32"
     monkeypatch.setattr(train, "native_bfloat16", lambda: None)
     assert train.prior_precision(types.SimpleNamespace(pcnn_precision="bfloat16")) == "bfloat16"
+
+
+def test_a_prior_with_weights_ema_validates_and_saves_the_averaged_weights(tmp_path):
+    """--pcnn-weights-ema: what each epoch validates is the moving average of the weights,
+    and the checkpoint fit_prior returns is that average (its loss on the validation grids is
+    the best validation loss logged), not the weights as trained."""
+    import driver
+    import pixelcnn
+    import train
+
+    rng = np.random.default_rng(0)
+    grids = {split: rng.integers(0, 4, (n, 6, 6)).astype(np.int32) for split, n in (("train", 64), ("validate", 16))}
+    fitted = {}
+    for momentum in (0.0, 0.9):
+        keras.utils.set_random_seed(0)
+        config = driver.Config(K=4, pcnn_learning_rate=1e-2, pcnn_batch_size=8, pcnn_precision="float32",
+                               pcnn_weights_ema=momentum)
+        network = pixelcnn.PixelCNN(4, filters=8, num_layers=2)
+        train.compile_prior(network, config)
+        run_dir = tmp_path / f"ema{momentum}"
+        run_dir.mkdir()
+        fitted[momentum] = train.fit_prior(network, config, grids, str(run_dir), "prior", 3, "prior")
+        history = train.read_history(str(run_dir / "prior_history.csv"))
+        loss = fitted[momentum].evaluate(grids["validate"], grids["validate"], batch_size=8, verbose=0)
+        assert loss == pytest.approx(min(history["val_loss"]), abs=1e-5)
+    assert fitted[0.9].optimizer.use_ema and not fitted[0.0].optimizer.use_ema
+    assert not np.allclose(fitted[0.9].get_weights()[0], fitted[0.0].get_weights()[0])
