@@ -86,9 +86,11 @@ class Config:
     pcnn_middle_epochs: int = option(12, "hierarchical prior: training epochs of the middle PixelCNN")
     pcnn_condition_blocks: int = option(4, "hierarchical prior: residual 3x3 convolutions that read the grid above "
                                            "around each block for the finer PixelCNNs (0 = its own cell only)")
-    pcnn_condition_slips: float = option(0.0, "hierarchical prior: share of the grid above's codes swapped, in "
-                                              "training, for that level's own teacher-forced draws, so each finer "
-                                              "PixelCNN learns to follow drawn grids, not only real ones")
+    pcnn_condition_slips: float = option(0.3, "hierarchical prior: share of the grid above's codes swapped, in "
+                                              "training, for the level above's own teacher-forced draws, so a "
+                                              "finer PixelCNN learns to follow drawn grids, not only real ones")
+    pcnn_slip_levels: str = option("bottom", "hierarchical prior: the finer levels that train with those slips: "
+                                             "'bottom', 'middle' or 'both'")
     pcnn_mirror: bool = option(True, "train the prior on the training slices mirrored left to right too (2x grids)")
     pcnn_position_bins: int = option(0, "hierarchical prior: condition the top grid on the slice's level in its "
                                         "volume, in this many bins (0 = no position)")
@@ -197,6 +199,7 @@ MINIMUM = dict(K=2, D=1, epochs=1, batch_size=1, beta=0, ssim_weight=0, dead_cod
 POSITIVE = ("learning_rate", "pcnn_learning_rate", "temperature", "pcnn_top_temperature", "pcnn_bottom_temperature")
 CHOICES = dict(codebook_init=("kmeans", "uniform"), norm=("batch", "group", "none"),
                pcnn_variant=("plain", "gated", "hierarchical"), pcnn_precision=("auto", "float32", "bfloat16"),
+               pcnn_slip_levels=("bottom", "middle", "both"),
                strategy=("default", "mirrored", "multiworker"))
 
 

@@ -614,7 +614,8 @@ def fit_hierarchy(prior, config, model, codes, grids, run_dir, positions):
             fit_grids, fit_condition = shifted_top_grids(prior, grids, level_grids, condition, config.pcnn_top_shift)
             epoch_size = len(grids["train"])
         slips = None
-        if index and config.pcnn_condition_slips:  # drawn only if this level is (still) to be trained
+        if index and config.pcnn_condition_slips and config.pcnn_slip_levels in (name, "both"):
+            # A partial: the slips are drawn only if this level is (still) to be trained.
             slips = functools.partial(condition_slips, prior, index, condition["train"], above_condition, config)
         network.set_weights(fit_prior(network, config, fit_grids, run_dir, f"prior_{name}", epochs[name],
                                       f"prior_{name}", fit_condition, hidden, epoch_size, slips).get_weights())

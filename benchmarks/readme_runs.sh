@@ -20,7 +20,7 @@ python benchmarks/realism.py --runs "$OUT-oasis-position" "$OUT-oasis-position-m
 python benchmarks/sample_positions.py --run "$OUT-oasis-position-mirror" --out resources/oasis_samples_by_position.png
 # Issue 14: the 2026-12-05 defaults (three-level prior, float32 training) as one whole run, and which
 # level loses the anatomy ("default" below is that run; this version's default run is at the end).
-EARLIER="--pcnn-precision float32 --pcnn-top-dropout 0 --pcnn-top-temperature 0.7 --pcnn-middle-epochs 8"
+EARLIER="--pcnn-precision float32 --pcnn-top-dropout 0 --pcnn-top-temperature 0.7 --pcnn-middle-epochs 8 --pcnn-condition-slips 0"
 /usr/bin/time -v python driver.py --data "$DATA/oasis_like" $EARLIER --out "$OUT-oasis-default"
 python driver.py evaluate --run "$OUT-oasis-default"
 python benchmarks/levels.py --run "$OUT-oasis-default" --samples 160 --top-temperatures 1.0 0.7 \
@@ -60,7 +60,7 @@ python benchmarks/prior_step.py --run "$OUT-oasis-default" --level middle --laye
 # ... and level by level, the previous default (the bottom PixelCNN at 8 epochs, the middle at 12)
 # against a 15-epoch VQ-VAE, each with a 6-layer bottom, the first with a 10-layer middle too (the
 # README's "sharper VQ-VAE" tables, whose 15-epoch run was commit f9aa971's default run).
-PREVIOUS="--pcnn-epochs 8 --pcnn-middle-epochs 12 --pcnn-precision float32 --pcnn-top-dropout 0 --pcnn-top-temperature 0.7"
+PREVIOUS="--pcnn-epochs 8 --pcnn-middle-epochs 12 --pcnn-precision float32 --pcnn-top-dropout 0 --pcnn-top-temperature 0.7 --pcnn-condition-slips 0"
 python driver.py --data "$DATA/oasis_like" $PREVIOUS --out "$OUT-oasis-previous"
 python driver.py --data "$DATA/oasis_like" --epochs 15 $PREVIOUS --out "$OUT-oasis-epochs15"
 python benchmarks/retrain_level.py --run "$OUT-oasis-previous" --out "$OUT-oasis-b6e6" --level bottom \
@@ -194,9 +194,9 @@ $SHOT --window-size=1400,800 --screenshot="$PWD/resources/tensorboard_images.png
 kill $TENSORBOARD
 # Issue 14, 2026-12-06: two whole runs with a dropout top and a longer middle (the README's
 # "two whole runs" table).
-/usr/bin/time -v python driver.py --data "$DATA/oasis_like" --pcnn-precision float32 --pcnn-top-temperature 1.0 \
+/usr/bin/time -v python driver.py --data "$DATA/oasis_like" --pcnn-precision float32 --pcnn-condition-slips 0 --pcnn-top-temperature 1.0 \
     --out "$OUT-oasis-td2m12"
-/usr/bin/time -v python driver.py --data "$DATA/oasis_like" --epochs 18 --pcnn-precision float32 \
+/usr/bin/time -v python driver.py --data "$DATA/oasis_like" --epochs 18 --pcnn-precision float32 --pcnn-condition-slips 0 \
     --pcnn-middle-epochs 10 --out "$OUT-oasis-td2m10e18"
 for run in td2m12 td2m10e18; do
     python benchmarks/levels.py --run "$OUT-oasis-$run" --no-controls --no-nearest --top-temperatures 1.0 0.85 \
@@ -208,14 +208,30 @@ done
 python benchmarks/prior_step.py --run "$OUT-oasis-td2m12" --level top --layers 12 --precisions float32 bfloat16
 python benchmarks/prior_step.py --run "$OUT-oasis-td2m12" --level middle --layers 6 --precisions float32 bfloat16
 python benchmarks/prior_step.py --run "$OUT-oasis-td2m12" --level bottom --layers 3 --precisions float32 bfloat16
-/usr/bin/time -v python driver.py --data "$DATA/oasis_like" --out "$OUT-oasis-now"
+/usr/bin/time -v python driver.py --data "$DATA/oasis_like" --pcnn-condition-slips 0 --out "$OUT-oasis-now"
 python benchmarks/levels.py --run "$OUT-oasis-now" --no-controls --no-nearest --top-temperatures 1.0 0.85 \
     --given middle --seeds 0 1 2
 time python driver.py sample --run "$OUT-oasis-now" --n 16
-cp "$OUT-oasis-now/samples/samples.png" resources/oasis_samples_default.png
 # ... and its bottom PixelCNN trained 16 epochs instead of 12, scored level by level.
 python benchmarks/retrain_level.py --run "$OUT-oasis-now" --out "$OUT-oasis-now-b16" --level bottom --set pcnn_epochs=16
 python benchmarks/levels.py --run "$OUT-oasis-now-b16" --no-controls --no-nearest --top-temperatures 0.85 \
     --given middle bottom --seeds 0 1 2
 python benchmarks/levels.py --run "$OUT-oasis-now" --no-controls --no-nearest --top-temperatures 0.85 \
     --given bottom --seeds 0 1 2
+# Issue 14, 2026-12-06 (third session): the 09:00 run's bottom PixelCNN retrained with slips (0.3 is
+# this version's default; the new default's models are that run's with this bottom), scored on nine seeds,
+# the no-slip run on the same seeds; the top PixelCNN with a moving average of its weights.
+python benchmarks/retrain_level.py --run "$OUT-oasis-now" --out "$OUT-oasis-slips30" --level bottom --set pcnn_condition_slips=0.3
+python benchmarks/retrain_level.py --run "$OUT-oasis-now" --out "$OUT-oasis-slips15" --level bottom --set pcnn_condition_slips=0.15
+python benchmarks/levels.py --run "$OUT-oasis-slips30" --no-controls --no-nearest --top-temperatures 0.85 \
+    --given middle bottom --seeds 0 1 2
+python benchmarks/levels.py --run "$OUT-oasis-slips30" --no-controls --no-nearest --top-temperatures 0.85 --given --seeds 3 4 5
+python benchmarks/levels.py --run "$OUT-oasis-slips30" --no-controls --no-nearest --top-temperatures 0.85 --given middle --seeds 6 7 8
+python benchmarks/levels.py --run "$OUT-oasis-now" --no-controls --no-nearest --top-temperatures 0.85 --given --seeds 3 4 5
+python benchmarks/levels.py --run "$OUT-oasis-now" --no-controls --no-nearest --top-temperatures 0.85 --given middle --seeds 6 7 8
+python benchmarks/levels.py --run "$OUT-oasis-slips15" --no-controls --no-nearest --top-temperatures 0.85 \
+    --given middle --seeds 0 1 2 3 4 5
+python benchmarks/levels.py --run "$OUT-oasis-slips30" --no-controls --top-temperatures 0.85 --given --seeds 0
+cp "$OUT-oasis-slips30/samples/samples.png" resources/oasis_samples_default.png
+python benchmarks/retrain_level.py --run "$OUT-oasis-now" --out "$OUT-oasis-top-ema" --level top --set pcnn_weights_ema=0.99
+python benchmarks/levels.py --run "$OUT-oasis-top-ema" --no-controls --no-nearest --top-temperatures 1.0 0.85 --given --seeds 0 1 2

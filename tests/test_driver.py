@@ -77,6 +77,8 @@ def test_help_lists_every_flag_with_its_default():
     (["--pcnn-middle-layers", "-1"], "--pcnn-middle-layers must be >= 0, got -1"),
     (["--pcnn-top-dropout", "1"], "--pcnn-top-dropout must be in [0, 1), got 1.0"),
     (["--pcnn-condition-slips", "1.5"], "--pcnn-condition-slips must be in [0, 1], got 1.5"),
+    (["--pcnn-slip-levels", "top"], "--pcnn-slip-levels must be 'bottom', 'middle' or 'both', got 'top'"),
+    (["--pcnn-weights-ema", "1"], "--pcnn-weights-ema must be in [0, 1), got 1.0"),
     (["sample", "--run", "/nowhere", "--n", "0"], "--n must be >= 1, got 0"),
 ])
 def test_bad_flags_exit_with_one_line(argv, message):
@@ -224,9 +226,9 @@ def test_multiworker_strategy_runs_as_a_single_worker(oasis_root, tmp_path):
     assert json.load(open(os.path.join(run, "metrics.json")))["test_slices"] == 8
 
 
-def test_hierarchical_prior_run_samples_and_reloads(oasis_root, tmp_path):
+def test_hierarchical_prior_run_samples_and_reloads(oasis_root, tmp_path, capsys):
     """A tiny run of the hierarchical prior, its top grid conditioned on the slice position,
-    the finer levels trained on condition grids with slips (the unconditioned default differs
+    the bottom level trained on condition grids with slips (the unconditioned default differs
     in building no position input: its sampler is covered in tests/test_hierarchy.py, its
     `sample --position` error below, without a run)."""
     import hierarchy
@@ -238,6 +240,8 @@ def test_hierarchical_prior_run_samples_and_reloads(oasis_root, tmp_path):
                               "--pcnn-middle-codes", "6", "--pcnn-middle-epochs", "2",
                               "--pcnn-position-bins", "10", "--pcnn-condition-slips", "0.5"])
     assert metrics["prior_variant"] == "hierarchical" and 0 < metrics["prior_test_bits_per_code"]
+    printed = capsys.readouterr().out  # --pcnn-slip-levels bottom, the default: the middle trains on real grids
+    assert "bottom PixelCNN: 50% of its condition codes swapped" in printed and "middle PixelCNN: 50%" not in printed
     prior = keras.models.load_model(os.path.join(run, "pixelcnn.keras"))
     assert isinstance(prior, hierarchy.HierarchicalPrior) and prior.top_codebook.numpy().any()
     assert prior.names == ["top", "middle", "bottom"] and prior.middle_codebook.numpy().any()
@@ -286,8 +290,9 @@ def test_the_middle_pixelcnn_takes_its_own_depth_and_the_top_one_its_dropout():
 
 def test_a_run_made_before_the_middle_grid_reloads_as_it_was(tmp_path):
     """A config.json from before --pcnn-middle-codes, --pcnn-condition-blocks,
-    --pcnn-top-temperature, --pcnn-bottom-temperature and --pcnn-precision existed resumes as
-    the two-level float32-trained prior it was."""
+    --pcnn-top-temperature, --pcnn-bottom-temperature, --pcnn-precision, --pcnn-weights-ema,
+    --pcnn-slip-levels and a default --pcnn-condition-slips above 0 existed resumes as the
+    two-level float32-trained prior it was."""
     import runs
 
     saved = {field: value for field, value in dataclasses.asdict(driver.Config()).items()
@@ -296,7 +301,8 @@ def test_a_run_made_before_the_middle_grid_reloads_as_it_was(tmp_path):
     config = driver.Config.from_saved(runs.load_config(str(tmp_path)))
     assert (config.pcnn_middle_codes, config.pcnn_condition_blocks, config.pcnn_top_temperature,
             config.pcnn_bottom_temperature, config.pcnn_middle_layers, config.pcnn_top_dropout,
-            config.pcnn_precision) == (0, 0, 1.0, 1.0, 0, 0.0, "float32")
+            config.pcnn_precision, config.pcnn_weights_ema, config.pcnn_slip_levels, config.pcnn_condition_slips) == (
+        0, 0, 1.0, 1.0, 0, 0.0, "float32", 0.0, "both", 0.0)
     assert config.K == driver.Config().K
     (tmp_path / "config.json").write_text(json.dumps({**saved, "pcnn_middle_codes": 256}))
     assert runs.load_config(str(tmp_path))["pcnn_middle_codes"] == 256
