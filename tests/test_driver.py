@@ -290,9 +290,9 @@ def test_the_middle_pixelcnn_takes_its_own_depth_and_the_top_one_its_dropout():
 
 def test_a_run_made_before_the_middle_grid_reloads_as_it_was(tmp_path):
     """A config.json from before --pcnn-middle-codes, --pcnn-condition-blocks,
-    --pcnn-top-temperature, --pcnn-bottom-temperature, --pcnn-precision, --pcnn-weights-ema,
-    --pcnn-slip-levels and a default --pcnn-condition-slips above 0 existed resumes as the
-    two-level float32-trained prior it was."""
+    --pcnn-top-temperature, --pcnn-bottom-temperature, --pcnn-precision, --pcnn-weights-ema and
+    --pcnn-slip-levels existed (and --pcnn-condition-slips, or its default of 0.3) resumes as
+    the two-level float32-trained prior without slips it was."""
     import runs
 
     saved = {field: value for field, value in dataclasses.asdict(driver.Config()).items()
