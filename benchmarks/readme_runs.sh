@@ -233,5 +233,6 @@ python benchmarks/levels.py --run "$OUT-oasis-slips15" --no-controls --no-neares
     --given middle --seeds 0 1 2 3 4 5
 python benchmarks/levels.py --run "$OUT-oasis-slips30" --no-controls --top-temperatures 0.85 --given --seeds 0
 cp "$OUT-oasis-slips30/samples/samples.png" resources/oasis_samples_default.png
+python benchmarks/anomaly.py --run "$OUT-oasis-slips30" --data "$DATA/oasis_like" --slices 60
 python benchmarks/retrain_level.py --run "$OUT-oasis-now" --out "$OUT-oasis-top-ema" --level top --set pcnn_weights_ema=0.99
 python benchmarks/levels.py --run "$OUT-oasis-top-ema" --no-controls --no-nearest --top-temperatures 1.0 0.85 --given --seeds 0 1 2
