@@ -236,3 +236,6 @@ cp "$OUT-oasis-slips30/samples/samples.png" resources/oasis_samples_default.png
 python benchmarks/anomaly.py --run "$OUT-oasis-slips30" --data "$DATA/oasis_like" --slices 60
 python benchmarks/retrain_level.py --run "$OUT-oasis-now" --out "$OUT-oasis-top-ema" --level top --set pcnn_weights_ema=0.99
 python benchmarks/levels.py --run "$OUT-oasis-top-ema" --no-controls --no-nearest --top-temperatures 1.0 0.85 --given --seeds 0 1 2
+# ... and the new default as one whole run.
+/usr/bin/time -v python driver.py --data "$DATA/oasis_like" --out "$OUT-oasis-slips-whole"
+python benchmarks/levels.py --run "$OUT-oasis-slips-whole" --no-controls --no-nearest --top-temperatures 0.85 --given --seeds 0 1 2
