@@ -45,6 +45,18 @@ def dtype_policy(name):
         keras.mixed_precision.set_global_policy("float32")
 
 
+def averaging_adam(learning_rate, weights_ema):
+    """Adam, keeping a moving average of the weights with momentum `weights_ema` (0 = none),
+    which `swap_in_averages` puts in the model for validating and saving."""
+    return keras.optimizers.Adam(learning_rate, use_ema=bool(weights_ema), ema_momentum=weights_ema or 0.99)
+
+
+def swap_in_averages(weights_ema):
+    """The callbacks that validate, draw and save each epoch with the averaged weights (and
+    swap them out again when the next epoch starts): none without a moving average."""
+    return [keras.callbacks.SwapEMAWeights(swap_on_epoch=True)] if weights_ema else []
+
+
 def build_vqvae(config):
     """The compiled VQ-VAE of a config (build it inside a tf.distribute scope to distribute it)."""
     # Mixed precision for the VQ-VAE only (the prior and its sampler stay in float32).
@@ -55,9 +67,7 @@ def build_vqvae(config):
             dead_code_steps=config.dead_code_steps, shift=config.shift, norm=config.norm,
             ssim_weight=config.ssim_weight,
         )
-        optimizer = keras.optimizers.Adam(config.learning_rate, use_ema=bool(config.weights_ema),
-                                          ema_momentum=config.weights_ema or 0.99)
-        model.compile(optimizer=optimizer, jit_compile=config.jit)
+        model.compile(optimizer=averaging_adam(config.learning_rate, config.weights_ema), jit_compile=config.jit)
     return model
 
 
@@ -89,9 +99,7 @@ def build_prior(config):
 
 
 def compile_prior(network, config):
-    optimizer = keras.optimizers.Adam(config.pcnn_learning_rate, use_ema=bool(config.pcnn_weights_ema),
-                                      ema_momentum=config.pcnn_weights_ema or 0.99)
-    network.compile(optimizer=optimizer,
+    network.compile(optimizer=averaging_adam(config.pcnn_learning_rate, config.pcnn_weights_ema),
                     loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=config.jit)
 
 
@@ -341,10 +349,7 @@ def train_vqvae(config, splits, run_dir, shown, strategy):
     resume_point(run_dir, "vqvae", "history.csv")
     with strategy.scope():
         model = build_vqvae(config)
-    # With --weights-ema, the averaged weights are swapped in at each epoch's end: validated,
-    # drawn and saved (and swapped out again when the next epoch starts).
-    averaged = [keras.callbacks.SwapEMAWeights(swap_on_epoch=True)] if config.weights_ema else []
-    stage_callbacks = averaged + [
+    stage_callbacks = swap_in_averages(config.weights_ema) + [
         callbacks.CosineLearningRate(config.learning_rate, config.epochs, config.max_minutes),
         callbacks.ValidationMetrics(splits["validate"]),
         callbacks.TimeLimit(config.max_minutes),
@@ -565,12 +570,11 @@ def fit_prior(network, config, grids, run_dir, name, epochs, log_name, condition
                             epoch_size if shuffle else None, alternatives if shuffle else None,
                             config.pcnn_condition_slips)
 
-    # With --pcnn-weights-ema the averaged weights are validated and saved, as for the VQ-VAE.
-    averaged = [keras.callbacks.SwapEMAWeights(swap_on_epoch=True)] if config.pcnn_weights_ema else []
-    stage_callbacks = averaged + [callbacks.CosineLearningRate(config.pcnn_learning_rate, epochs),
-                 callbacks.BitsPerCode(read_history(os.path.join(run_dir, history_file)),
-                             os.path.join(run_dir, f"{name}_loss.png"), f"{name}: bits per code",
-                             np.log2(network.num_embeddings))]
+    stage_callbacks = swap_in_averages(config.pcnn_weights_ema) + [
+        callbacks.CosineLearningRate(config.pcnn_learning_rate, epochs),
+        callbacks.BitsPerCode(read_history(os.path.join(run_dir, history_file)),
+                              os.path.join(run_dir, f"{name}_loss.png"), f"{name}: bits per code",
+                              np.log2(network.num_embeddings))]
     trainee = prior_twin(network, config) if prior_precision(config) == "bfloat16" else network
     fit_resumably(trainee, dataset("train", True), run_dir, name, history_file, epochs, "val_loss", "min", stage_callbacks,
                   validation_data=dataset("validate"), log_dir=os.path.join(run_dir, "logs", log_name))
