@@ -103,12 +103,24 @@ def scores_of(maps, images, masks, slice_scores, lesioned):
             "best_dice": best_dice(pixels, labels), "slice_auroc": auroc(np.asarray(slice_scores), lesioned)}
 
 
+def nll_map_auprc(nll, heads, masks):
+    """Pixel AUPRC in the head of a (B, h, w) per-code NLL grid used as a map (each code's
+    value over its pixels, smoothed as the maps are)."""
+    scale = masks.shape[1] // nll.shape[1]
+    upsampled = np.repeat(np.repeat(nll, scale, axis=1), scale, axis=2)[:, : masks.shape[1], : masks.shape[2]]
+    return average_precision(ndimage.gaussian_filter(upsampled, (0, 2, 2))[heads], masks[heads])
+
+
 def code_likelihoods(model, prior, images, clean, masks):
     """Why the maps look as they do: each level's mean NLL at the codes the lesions changed,
-    with the lesions and without, and the pixel AUPRC of each level's NLL map alone."""
+    with the lesions and without, and the pixel AUPRC of each level's NLL map alone. For a
+    hierarchical prior also each finer level's NLL given the level above of the slice
+    *without* its lesions (an oracle no real map has): whether the prior finds the lesions
+    unlikely once the level above does not already hold them."""
     import tensorflow as tf
 
     import anomaly
+    import hierarchy
 
     heads = np.stack([head_mask(image) for image in images])
     levels = {}
@@ -118,18 +130,21 @@ def code_likelihoods(model, prior, images, clean, masks):
         parts = [anomaly.level_nll(prior, tf.constant(codes[i: i + 16])) for i in range(0, len(codes), 16)]
         levels[name] = {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
         levels[name]["codes"] = codes
-    for level in ("bottom", "middle", "top"):
-        if level not in levels["lesions"]:
-            continue
-        codes_key = "codes" if level == "bottom" else f"{level}_codes"
-        changed = levels["lesions"][codes_key] != levels["clean"][codes_key]
+    grid_key = lambda level: "codes" if level == "bottom" else f"{level}_codes"  # noqa: E731
+    names = prior.names if isinstance(prior, hierarchy.HierarchicalPrior) else ["bottom"]
+    for index, level in enumerate(names):
+        changed = levels["lesions"][grid_key(level)] != levels["clean"][grid_key(level)]
         nll = levels["lesions"][level]
-        scale = images.shape[1] // nll.shape[1]
-        upsampled = np.repeat(np.repeat(nll, scale, axis=1), scale, axis=2)[:, : images.shape[1], : images.shape[2]]
-        smoothed = ndimage.gaussian_filter(upsampled, (0, 2, 2))
-        print(f"{level} codes: {changed.sum()} changed by the lesions; their mean NLL {nll[changed].mean():.2f} nats "
-              f"with the lesions, {levels['clean'][level][changed].mean():.2f} without; the NLL map alone: pixel "
-              f"AUPRC {average_precision(smoothed[heads], masks[heads]):.3f}", flush=True)
+        line = (f"{level} codes: {changed.sum()} changed by the lesions; their mean NLL {nll[changed].mean():.2f} nats "
+                f"with the lesions, {levels['clean'][level][changed].mean():.2f} without; the NLL map alone: pixel "
+                f"AUPRC {nll_map_auprc(nll, heads, masks):.3f}")
+        if index:
+            grids, above = levels["lesions"][grid_key(level)], levels["clean"][grid_key(names[index - 1])]
+            oracle = np.concatenate([prior.networks[index].code_nll(
+                (tf.constant(grids[i: i + 16]), tf.constant(above[i: i + 16]))).numpy() for i in range(0, len(grids), 16)])
+            line += (f"; given the {names[index - 1]} grid without the lesions: {oracle[changed].mean():.2f} nats, "
+                     f"map AUPRC {nll_map_auprc(oracle, heads, masks):.3f}")
+        print(line, flush=True)
 
 
 def main():
