@@ -12,7 +12,8 @@ Prints, all measured in this one process (so on the same machine, at the same mo
    large 3x3 `tf.nn.conv2d` (the VQ-VAE is mostly 3x3 convolutions), best of several runs;
 4. the ratio: achieved FLOP/s (images/s x FLOPs per image) over each peak;
 5. where a step's time goes: each part of the step timed on its own (encoder, quantizer and
-   decoder forward; forward and backward; the optimizer update; the SSIM and PSNR metrics).
+   decoder forward; forward and backward, and the loss's SSIM term within it; the optimizer
+   update; the metrics computed beside the loss).
 """
 
 import argparse
@@ -97,15 +98,24 @@ def step_parts(model, batch):
             loss = reconstruction_loss + vq_loss
         return tape.gradient(loss, model.trainable_variables)
 
+    def ssim_term():  # the loss's SSIM term and its gradient, part of "forward + backward"
+        with tf.GradientTape() as tape:
+            tape.watch(reconstructions)
+            term, _ = vqvae.ssim_loss_and_score(batch, reconstructions, model.shift)
+        return term, tape.gradient(term, reconstructions)
+
     gradients = tf.function(forward_backward)()
     parts = {
         "encoder forward": lambda: model.encoder(batch, training=True),
         "quantizer forward": lambda: model.quantizer.quantize_inputs(latents, training=False),
         "decoder forward": lambda: model.decoder(quantized, training=True),
         "forward + backward": forward_backward,
+        **({"of which the SSIM loss term": ssim_term} if model.ssim_weight else {}),
         "optimizer update": lambda: model.optimizer.apply_gradients(zip(gradients, model.trainable_variables)),
-        "SSIM + PSNR metrics": lambda: (vqvae.mean_ssim(batch, reconstructions, model.shift),
-                                        vqvae.image_psnr(batch, reconstructions, model.shift)),
+        # With the SSIM loss term the SSIM metric is read off its map, so only PSNR is extra.
+        ("PSNR metric" if model.ssim_weight else "SSIM + PSNR metrics"): lambda: (
+            vqvae.image_psnr(batch, reconstructions, model.shift),
+            *([] if model.ssim_weight else [vqvae.mean_ssim(batch, reconstructions, model.shift)])),
     }
     seconds = {}
     for name, part in parts.items():
@@ -155,7 +165,7 @@ def main():
     parts = step_parts(model, batch)
     step = args.batch_size / per_second
     print(f"\nwhere a step's time goes (each part timed on its own; a whole step takes {step * 1000:.0f} ms):")
-    table.print_table([("part", 24, "{}"), ("ms", 8, "{:.1f}"), ("of a step", 10, "{:.0%}")],
+    table.print_table([("part", 28, "{}"), ("ms", 8, "{:.1f}"), ("of a step", 10, "{:.0%}")],
                       [[name, seconds * 1000, seconds / step] for name, seconds in parts.items()])
     table.save(args.json, {"settings": changes, "size": args.size, "batch_size": args.batch_size, "images_per_second": per_second,
                            "train_step_flops_per_image": step_flops, "forward_flops_per_image": forward_flops,
