@@ -121,13 +121,17 @@ def cached_dataset(manifest, batch_size, shift=0.0, shuffle=False, seed=0):
     """Batched (B, H, W, 1) float32 slices read back from a split's cache.
 
     Shuffling reads the shards in a new random order each epoch, interleaved, through a
-    shuffle buffer of raw records, so memory stays flat however many slices there are."""
+    shuffle buffer of raw records, so memory stays flat however many slices there are.
+    Unshuffled, the shards are read one after another: the slices come in cache order, the
+    order of `manifest["positions"]` (which code grids and evaluation rely on)."""
     height, width = manifest["image_size"]
     shards = tf.data.Dataset.from_tensor_slices(manifest["shards"])
     if shuffle:
         shards = shards.shuffle(len(manifest["shards"]), seed=seed, reshuffle_each_iteration=True)
-    records = shards.interleave(tf.data.TFRecordDataset, cycle_length=min(8, len(manifest["shards"])),
-                                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        records = shards.interleave(tf.data.TFRecordDataset, cycle_length=min(8, len(manifest["shards"])),
+                                    num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    else:
+        records = tf.data.TFRecordDataset(shards)
     records = records.apply(tf.data.experimental.assert_cardinality(manifest["slices"]))
     if shuffle:
         records = records.shuffle(SHUFFLE_BUFFER, seed=seed, reshuffle_each_iteration=True)

@@ -440,8 +440,18 @@ def encode_codes(model, ordered, mirror):
     codes = {split: encode_split(model, dataset) for split, dataset in ordered.items()}
     if mirror:
         codes["train_mirrored"] = encode_split(model, ordered["train"].map(tf.image.flip_left_right))
-    codes["in_order"] = np.array(True)  # grids in cache order, matching the slices' positions
+    codes["file_order"] = np.array(True)  # grids in cache (file) order, matching the slices' positions
     return codes
+
+
+def encoded_again(codes, model, ordered, mirror):
+    """`encode_codes` anew, keeping the hierarchical prior's level codebooks of the earlier
+    {name: array} `codes` (runs made before the cache was read back in file order hold their
+    training grids in another order than their slices' positions, "in_order" rather than
+    "file_order": their grids are encoded again, but the PixelCNNs they trained still expect
+    their level codebooks)."""
+    kept = {key: value for key, value in codes.items() if key.endswith("_codebook")}
+    return {**encode_codes(model, ordered, mirror), **kept}
 
 
 def training_grids(codes, positions, mirror):
@@ -522,10 +532,10 @@ def train_prior(config, model, ordered, run_dir, strategy, positions=None):
     positions = positions or {split: None for split in data.SPLITS}
     codes_path = os.path.join(run_dir, "codes.npz")
     codes = dict(np.load(codes_path)) if os.path.exists(codes_path) and config.resume else {}
-    if "in_order" not in codes or (config.pcnn_mirror and "train_mirrored" not in codes):
+    if "file_order" not in codes or (config.pcnn_mirror and "train_mirrored" not in codes):
         print(f"\nencoding the splits into code grids for the {config.pcnn_variant} PixelCNN prior"
               + (" (and the training slices mirrored)" if config.pcnn_mirror else ""), flush=True)
-        codes = encode_codes(model, ordered, config.pcnn_mirror)
+        codes = encoded_again(codes, model, ordered, config.pcnn_mirror)
         files.atomic_write(codes_path, lambda path: np.savez_compressed(path, **codes))
     grids, positions = training_grids(codes, positions, config.pcnn_mirror)
     with strategy.scope():

@@ -295,9 +295,14 @@ def test_slice_positions_from_file_names():
     assert "/d/case_002_slice_4.nii.png" not in positions and "/d/scan.png" not in positions
 
 
-def test_cache_keeps_each_slice_position_in_step_with_its_pixels(tmp_path):
+@pytest.mark.parametrize("slices_per_shard", [8, 2])
+def test_cache_keeps_each_slice_position_in_step_with_its_pixels(tmp_path, monkeypatch, slices_per_shard):
     """OASIS layout with an unreadable file among them: the positions of the slices that
-    remain still belong to them (the brightness of each slice encodes its number)."""
+    remain still belong to them (the brightness of each slice encodes its number), also when
+    the split spans several shards: an unshuffled read gives the slices in cache order, the
+    order of the positions (reading the shards interleaved once paired the training grids with
+    other slices' positions)."""
+    monkeypatch.setattr(cache, "SHARD_BYTES", slices_per_shard * 8 * 8 * 2)
     root = tmp_path / "oasis"
     for split in data.SPLITS:
         for k in range(5):

@@ -207,13 +207,17 @@ def test_top_prior_learns_from_shifted_grids_a_new_draw_each_epoch():
     assert [len(set(epoch)) for epoch in epochs] == [30, 30] and set(epochs[0]) != set(epochs[1])
 
 
-def test_prior_grids_follow_the_cache_order_and_add_mirrored_slices(tmp_path):
+def test_prior_grids_follow_the_cache_order_and_add_mirrored_slices(tmp_path, monkeypatch):
     """The training grids line up with the slices' positions (the shuffled training split
-    would not), and mirroring adds each training slice flipped left to right."""
+    would not, nor would shards read interleaved), and mirroring adds each training slice
+    flipped left to right. A run's grids from before are encoded again, its level codebooks
+    kept."""
     import cache
     import data
     import train
     from conftest import write_png
+
+    monkeypatch.setattr(cache, "SHARD_BYTES", 2 * 8 * 8 * 2)  # 2 slices a shard: 3 shards a split
 
     root = tmp_path / "oasis"
     for split in data.SPLITS:
@@ -241,6 +245,12 @@ def test_prior_grids_follow_the_cache_order_and_add_mirrored_slices(tmp_path):
     grids, where = train.training_grids(codes, positions, mirror=True)
     assert len(grids["train"]) == 12 and len(grids["validate"]) == 6
     np.testing.assert_allclose(where["train"], np.tile(np.arange(6) / 5, 2), atol=1e-6)
+
+    earlier = {"train": codes["train"][::-1], "in_order": np.array(True), "top_codebook": np.ones((3, 2))}
+    again = train.encoded_again(earlier, Brightness(), train.ordered_splits(config, source), mirror=True)
+    np.testing.assert_array_equal(again["train"], codes["train"])
+    np.testing.assert_array_equal(again["top_codebook"], earlier["top_codebook"])
+    assert again["file_order"] and "in_order" not in again
 
 
 def test_three_levels_sample_exactly_and_add_up(tmp_path):
