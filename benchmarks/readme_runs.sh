@@ -17,7 +17,7 @@ python benchmarks/realism.py --runs "$OUT-oasis-gated" "$OUT-oasis" --json "$OUT
 python driver.py --data "$DATA/oasis_like" --pcnn-position-bins 10 --no-pcnn-mirror --out "$OUT-oasis-position"
 python driver.py --data "$DATA/oasis_like" --pcnn-position-bins 10 --out "$OUT-oasis-position-mirror"
 python benchmarks/realism.py --runs "$OUT-oasis-position" "$OUT-oasis-position-mirror"
-python benchmarks/sample_positions.py --run "$OUT-oasis-position-mirror" --out resources/oasis_samples_by_position.png
+python benchmarks/sample_positions.py --run "$OUT-oasis-position-mirror"  # positions misaligned then; redrawn below
 # Issue 14: the 2026-12-05 defaults (three-level prior, float32 training) as one whole run, and which
 # level loses the anatomy ("default" below is that run; this version's default run is at the end).
 EARLIER="--pcnn-precision float32 --pcnn-top-dropout 0 --pcnn-top-temperature 0.7 --pcnn-middle-epochs 8 --pcnn-condition-slips 0"
@@ -239,3 +239,16 @@ python benchmarks/levels.py --run "$OUT-oasis-top-ema" --no-controls --no-neares
 # ... and the new default as one whole run.
 /usr/bin/time -v python driver.py --data "$DATA/oasis_like" --out "$OUT-oasis-slips-whole"
 python benchmarks/levels.py --run "$OUT-oasis-slips-whole" --no-controls --no-nearest --top-temperatures 0.85 --given --seeds 0 1 2
+# 2026-12-06, afternoon: the whole run's other six seeds, its anomaly maps, the step's SSIM term,
+# and (after the cache-order fix) the top PixelCNN retrained with slice positions that belong to its grids.
+python benchmarks/levels.py --run "$OUT-oasis-slips-whole" --no-controls --no-nearest --top-temperatures 0.85 --given --seeds 3 4 5 6 7 8
+python benchmarks/levels.py --run "$OUT-oasis-slips-whole" --no-controls --no-nearest --top-temperatures 1.0 --given --seeds 0 1 2
+python benchmarks/anomaly.py --run "$OUT-oasis-slips-whole" --data "$DATA/oasis_like" --slices 60
+python benchmarks/throughput.py
+python benchmarks/throughput.py --set ssim_weight=0
+python benchmarks/retrain_level.py --run "$OUT-oasis-slips-whole" --out "$OUT-oasis-top-position" --level top --set pcnn_position_bins=10
+python benchmarks/levels.py --run "$OUT-oasis-top-position" --no-controls --no-nearest --top-temperatures 0.85 --given --seeds 0 1 2
+python benchmarks/levels.py --run "$OUT-oasis-top-position" --no-controls --no-nearest --top-temperatures 0.85 --given --seeds 3 4 5 6 7 8
+python benchmarks/levels.py --run "$OUT-oasis-top-position" --no-controls --no-nearest --top-temperatures 1.0 --given middle --seeds 0 1 2
+python benchmarks/sample_positions.py --run "$OUT-oasis-top-position" --out resources/oasis_samples_by_position.png
+cp "$OUT-oasis-slips-whole/samples/samples.png" resources/oasis_samples_default.png

@@ -14,8 +14,9 @@ with `driver.py --resume NEW`, which loads the finished stages and trains the mi
 --set takes config.json keys (the driver's flags with underscores): a level's network and
 training settings (pcnn_filters, pcnn_layers, pcnn_head_units, pcnn_epochs for the bottom;
 pcnn_top_* for the top, pcnn_middle_epochs for the middle, ...). Settings that change the
-code grids themselves (the level codebooks' sizes and factors, mirroring, position bins,
-every VQ-VAE and data setting) need a new run and are refused.
+code grids themselves (the level codebooks' sizes and factors, mirroring, every VQ-VAE and
+data setting) need a new run and are refused; the slice position bins only with --level top
+(only the top PixelCNN sees the position).
 """
 
 import argparse
@@ -33,15 +34,18 @@ import runs  # noqa: E402
 
 GRID_KEYS = ("pcnn_top_codes", "pcnn_top_factor", "pcnn_middle_codes", "pcnn_middle_factor", "pcnn_mirror",
              "pcnn_position_bins", "pcnn_variant")
+TOP_ONLY_KEYS = ("pcnn_position_bins",)  # only the top PixelCNN sees them: a top-level retrain may change them
 SAMPLING_KEYS = ("samples", "temperature")
 
 
-def parse_setting(text, saved):
+def parse_setting(text, saved, level):
     """'key=value' -> (key, value of the same type as the run's own value)."""
     key, sep, value = text.partition("=")
     if not sep or key not in saved:
         raise SystemExit(f"retrain_level.py: error: --set {text!r}: expected KEY=VALUE with KEY a key of config.json")
-    if key in GRID_KEYS or not (key.startswith("pcnn_") or key in SAMPLING_KEYS):
+    if key in TOP_ONLY_KEYS and level != "top":
+        raise SystemExit(f"retrain_level.py: error: --set {key}: only the top PixelCNN sees it; retrain --level top")
+    if (key in GRID_KEYS and key not in TOP_ONLY_KEYS) or not (key.startswith("pcnn_") or key in SAMPLING_KEYS):
         raise SystemExit(f"retrain_level.py: error: --set {key}: not a prior setting, or one that changes the "
                          "code grids; train a new run instead")
     if isinstance(saved[key], str):
@@ -91,7 +95,7 @@ def main():
 
     # A run made before a setting existed ran with its default.
     defaults = {field.name: field.default for field in dataclasses.fields(driver.Config)}
-    changes = dict(parse_setting(text, {**defaults, **saved}) for text in args.set)
+    changes = dict(parse_setting(text, {**defaults, **saved}, args.level) for text in args.set)
 
     dropped = {f"prior_{args.level}.keras", f"prior_{args.level}_history.csv", f"prior_{args.level}_loss.png",
                "pixelcnn.keras", "samples", "report.html", "samples_nearest.png"}
