@@ -251,4 +251,6 @@ python benchmarks/levels.py --run "$OUT-oasis-top-position" --no-controls --no-n
 python benchmarks/levels.py --run "$OUT-oasis-top-position" --no-controls --no-nearest --top-temperatures 0.85 --given --seeds 3 4 5 6 7 8
 python benchmarks/levels.py --run "$OUT-oasis-top-position" --no-controls --no-nearest --top-temperatures 1.0 --given middle --seeds 0 1 2
 python benchmarks/sample_positions.py --run "$OUT-oasis-top-position" --out resources/oasis_samples_by_position.png
+python benchmarks/levels.py --run "$OUT-oasis-top-position" --no-controls --no-nearest --top-temperatures 0.7 0.6 --given --seeds 0 1 2
+python benchmarks/levels.py --run "$OUT-oasis-slips-whole" --no-controls --top-temperatures 0.85 --given --seeds 0
 cp "$OUT-oasis-slips-whole/samples/samples.png" resources/oasis_samples_default.png
