@@ -254,3 +254,7 @@ python benchmarks/sample_positions.py --run "$OUT-oasis-top-position" --out reso
 python benchmarks/levels.py --run "$OUT-oasis-top-position" --no-controls --no-nearest --top-temperatures 0.7 0.6 --given --seeds 0 1 2
 python benchmarks/levels.py --run "$OUT-oasis-slips-whole" --no-controls --top-temperatures 0.85 --given --seeds 0
 cp "$OUT-oasis-slips-whole/samples/samples.png" resources/oasis_samples_default.png
+python benchmarks/retrain_level.py --run "$OUT-oasis-slips-whole" --out "$OUT-oasis-both-m" --level middle --set pcnn_slip_levels=both
+python benchmarks/retrain_level.py --run "$OUT-oasis-both-m" --out "$OUT-oasis-both-mb" --level bottom
+python benchmarks/levels.py --run "$OUT-oasis-both-mb" --no-controls --no-nearest --top-temperatures 0.85 --given middle --seeds 0 1 2
+python benchmarks/levels.py --run "$OUT-oasis-both-mb" --no-controls --no-nearest --top-temperatures 0.85 --given --seeds 3 4 5 6 7 8
