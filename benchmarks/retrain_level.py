@@ -33,7 +33,7 @@ import files  # noqa: E402
 import runs  # noqa: E402
 
 GRID_KEYS = ("pcnn_top_codes", "pcnn_top_factor", "pcnn_middle_codes", "pcnn_middle_factor", "pcnn_mirror",
-             "pcnn_position_bins", "pcnn_variant")
+             "pcnn_variant")
 TOP_ONLY_KEYS = ("pcnn_position_bins",)  # only the top PixelCNN sees them: a top-level retrain may change them
 SAMPLING_KEYS = ("samples", "temperature")
 
@@ -45,7 +45,7 @@ def parse_setting(text, saved, level):
         raise SystemExit(f"retrain_level.py: error: --set {text!r}: expected KEY=VALUE with KEY a key of config.json")
     if key in TOP_ONLY_KEYS and level != "top":
         raise SystemExit(f"retrain_level.py: error: --set {key}: only the top PixelCNN sees it; retrain --level top")
-    if (key in GRID_KEYS and key not in TOP_ONLY_KEYS) or not (key.startswith("pcnn_") or key in SAMPLING_KEYS):
+    if key in GRID_KEYS or not (key.startswith("pcnn_") or key in SAMPLING_KEYS):
         raise SystemExit(f"retrain_level.py: error: --set {key}: not a prior setting, or one that changes the "
                          "code grids; train a new run instead")
     if isinstance(saved[key], str):
