@@ -170,59 +170,89 @@ def stem(path):
         name = name[: -len(suffix)]
 
 
-def write_maps(model, prior, paths, run_config, out, limits, draws=DRAWS, batch_size=4, seed=0):
+def readable_files(paths, run_config):
+    """(path, its [0, 1] slices, (affine, slice axis)) for each file of `paths` that can be
+    read (`file_slices`); a file that cannot is named with its reason and skipped."""
+    import data
+
+    for path in paths:
+        try:
+            slices, layout = file_slices(path, run_config.get("slice_axis", -1), run_config.get("volume_index", 0))
+        except (data.DataError, tf.errors.OpError) as error:
+            reason = data.error_reason(error) if isinstance(error, tf.errors.OpError) else str(error)
+            print(f"\nskipped {path}: {reason}", flush=True)
+            continue
+        yield path, slices, layout
+
+
+def write_maps(model, prior, paths, run_config, out, limits, draws=DRAWS, batch_size=16, seed=0):
     """Anomaly maps of every slice of the files at `paths`, written to OUT per file:
     `<stem>_anomaly.nii.gz` (float32, at the file's own height and width, in its own space
     for NIfTI; a volume gives a volume), `<stem>_anomaly.png` (slice, healed slice and map;
     a volume's highest-scoring slice), `<stem>_code_nll.npy` (per-code NLL in nats), and
-    `OUT/scores.csv` (file, score: a volume's highest slice score). Returns the rows."""
-    import nibabel
+    `OUT/scores.csv` (file, score: a volume's highest slice score). Returns the rows.
 
+    Slices are healed `batch_size` at a time whichever files they come from (a folder of
+    PNGs is one slice a file), and each file is written as soon as its last slice is done."""
     import data
     import files
-    import plots
 
     size = run_config["image_size"]
     height, width = size[0] // model.downsampling, size[1] // model.downsampling
     healer = Healer(prior, batch_size * draws, height, width)
     os.makedirs(out, exist_ok=True)
     files.remove_stale_temporaries(out)
-    progress, rows = data.progress_bar(len(paths), "file"), []
-    for count, path in enumerate(paths, 1):
-        try:
-            originals, (affine, axis) = file_slices(path, run_config.get("slice_axis", -1),
-                                                    run_config.get("volume_index", 0))
-        except (data.DataError, tf.errors.OpError) as error:
-            reason = data.error_reason(error) if isinstance(error, tf.errors.OpError) else str(error)
-            print(f"\nskipped {path}: {reason}", flush=True)
-            continue
-        results = []
-        for start in range(0, len(originals), batch_size):
-            chunk = [data.fit_to_size(image[..., None], size).numpy() for image in originals[start: start + batch_size]]
-            padding = batch_size - len(chunk)  # the healer's batch is fixed: fill it with blank slices
-            images = np.stack(chunk + [np.zeros_like(chunk[0])] * padding)
-            found = anomaly_maps(model, healer, images, limits, draws, seed)
-            results += [{key: value[i] for key, value in found.items()} for i in range(len(chunk))]
-        maps = np.stack([to_input_size(result["maps"], image.shape, size) for result, image in zip(results, originals)])
-        name = os.path.join(out, stem(path))
-        volume = maps[0] if axis is None else np.moveaxis(maps, 0, axis)
-        files.atomic_write(name + "_anomaly.nii.gz", lambda temporary: nibabel.save(
-            nibabel.Nifti1Image(volume.astype(np.float32), np.eye(4) if affine is None else affine), temporary))
-        nll = np.stack([result["nll"] for result in results])
-        files.atomic_write(name + "_code_nll.npy", lambda temporary: np.save(
-            temporary, nll[0] if axis is None else nll))
-        scores = [float(result["scores"]) for result in results]
-        best = int(np.argmax(scores))
-        healed = to_input_size(results[best]["healed"], originals[best].shape, size)
-        plots.anomaly_figure([[originals[best], healed, maps[best]]], name + "_anomaly.png",
-                             titles=("slice" + (f" {best}" if axis is not None else ""), "healed",
-                                     f"anomaly map (score {scores[best]:.3f})"), cmap=run_config.get("cmap", "gray"))
-        rows.append((os.path.basename(path), max(scores)))
-        progress.update(count)
+    progress, rows, waiting, queue = data.progress_bar(len(paths), "file"), [], [], []
+
+    def heal_batch(count):
+        """Maps of the first `count` queued slices (the batch filled up with blank slices)."""
+        batch, queue[:] = queue[:count], queue[count:]
+        chunk = [data.fit_to_size(image[..., None], size).numpy() for _, image in batch]
+        images = np.stack(chunk + [np.zeros_like(chunk[0])] * (batch_size - len(chunk)))
+        found = anomaly_maps(model, healer, images, limits, draws, seed)
+        for i, (entry, _) in enumerate(batch):
+            entry["results"].append({key: value[i] for key, value in found.items()})
+        while waiting and len(waiting[0]["results"]) == len(waiting[0]["slices"]):
+            entry = waiting.pop(0)
+            rows.append(write_file(entry, size, out, run_config.get("cmap", "gray")))
+            progress.update(paths.index(entry["path"]) + 1)
+
+    for path, slices, (affine, axis) in readable_files(paths, run_config):
+        entry = {"path": path, "slices": slices, "affine": affine, "axis": axis, "results": []}
+        waiting.append(entry)
+        queue += [(entry, image) for image in slices]
+        while len(queue) >= batch_size:
+            heal_batch(batch_size)
+    if queue:
+        heal_batch(len(queue))
     if not rows:
         raise data.DataError(f"none of the {len(paths)} files could be read (each is named above with its reason)")
     files.write_csv(os.path.join(out, "scores.csv"), ["file", "score"], [(n, f"{s:.6f}") for n, s in rows])
     return rows
+
+
+def write_file(entry, size, out, cmap):
+    """Write one file's map, code NLL and figure (`write_maps`); its (file name, score) row."""
+    import nibabel
+
+    import files
+    import plots
+
+    originals, results, affine, axis = entry["slices"], entry["results"], entry["affine"], entry["axis"]
+    maps = np.stack([to_input_size(result["maps"], image.shape, size) for result, image in zip(results, originals)])
+    name = os.path.join(out, stem(entry["path"]))
+    volume = maps[0] if axis is None else np.moveaxis(maps, 0, axis)
+    files.atomic_write(name + "_anomaly.nii.gz", lambda temporary: nibabel.save(
+        nibabel.Nifti1Image(volume.astype(np.float32), np.eye(4) if affine is None else affine), temporary))
+    nll = np.stack([result["nll"] for result in results])
+    files.atomic_write(name + "_code_nll.npy", lambda temporary: np.save(temporary, nll[0] if axis is None else nll))
+    scores = [float(result["scores"]) for result in results]
+    best = int(np.argmax(scores))
+    healed = to_input_size(results[best]["healed"], originals[best].shape, size)
+    plots.anomaly_figure([[originals[best], healed, maps[best]]], name + "_anomaly.png",
+                         titles=("slice" + (f" {best}" if axis is not None else ""), "healed",
+                                 f"anomaly map (score {scores[best]:.3f})"), cmap=cmap)
+    return os.path.basename(entry["path"]), max(scores)
 
 
 def run_thresholds(run_dir, prior, quantile=QUANTILE):
@@ -245,7 +275,7 @@ def run_thresholds(run_dir, prior, quantile=QUANTILE):
     return saved[key]
 
 
-def map_folder(run_dir, folder, split="test", out=None, draws=DRAWS, quantile=QUANTILE, batch_size=4, seed=0):
+def map_folder(run_dir, folder, split="test", out=None, draws=DRAWS, quantile=QUANTILE, batch_size=16, seed=0):
     """`driver.py anomaly`: the maps of every file in `folder` (its `split` folder, if it
     has split folders) from a run's models, in `out` (default RUN/anomaly-<folder name>)."""
     import runs

@@ -179,7 +179,8 @@ ANOMALY = ("anomaly", "Anomaly maps of every slice in a folder, from a run train
                ("--out", str, None, "output folder (default: RUN/anomaly-<folder name>)"),
                ("--draws", int, 4, "healed versions averaged per slice"),
                ("--quantile", float, 0.995, "redraw the codes whose NLL is above this quantile of the validation's"),
-               ("--batch-size", int, 4, "slices healed at once"), ("--seed", int, 0, "random seed")])
+               ("--batch-size", int, 16, "slices healed at once (from one file or several)"),
+               ("--seed", int, 0, "random seed")])
 
 
 def require(checks):

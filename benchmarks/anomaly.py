@@ -155,7 +155,7 @@ def main():
     parser.add_argument("--clean-share", type=float, default=0.3, help="share of slices left without lesions")
     parser.add_argument("--draws", type=int, default=None, help="healed versions per slice (default: the command's)")
     parser.add_argument("--quantile", type=float, default=None, help="NLL threshold quantile (default: the command's)")
-    parser.add_argument("--batch-size", type=int, default=4, help="slices healed at once")
+    parser.add_argument("--batch-size", type=int, default=16, help="slices healed at once (the command's default)")
     parser.add_argument("--seed", type=int, default=0, help="lesion and sampling seed")
     parser.add_argument("--figure", help="write a figure of a few slices here")
     parser.add_argument("--json", help="also write the results here")

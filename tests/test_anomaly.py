@@ -104,6 +104,28 @@ def test_anomaly_command_writes_maps_at_each_inputs_size(tmp_path):
     assert not [name for name in os.listdir(out) if name.startswith(".tmp-")]
 
 
+def test_slices_from_several_files_share_a_batch_and_each_file_gets_its_own_results(tmp_path):
+    """A batch mixes files' slices (a PNG folder is one slice a file); each file must still get its own
+    slices' results, in order: the per-code NLL (no randomness in it) is the same at every batch size."""
+    run = tiny_run(str(tmp_path / "run"))
+    inputs = tmp_path / "new"
+    write_png(str(inputs / "a.png"), phantom(32, 1))
+    write_nifti(str(inputs / "b.nii"), np.random.default_rng(4).uniform(0, 500, (32, 32, 3)))
+    write_png(str(inputs / "c.png"), phantom(32, 5))
+    nll = {}
+    for batch_size in (1, 3, 8):
+        out = str(tmp_path / f"maps{batch_size}")
+        rows = driver.main(["anomaly", "--run", run, "--data", str(inputs), "--out", out, "--draws", "1",
+                            "--batch-size", str(batch_size)])
+        assert [name for name, _ in rows] == ["a.png", "b.nii", "c.png"]
+        nll[batch_size] = [np.load(os.path.join(out, f"{stem}_code_nll.npy")) for stem in "abc"]
+    assert [grid.shape for grid in nll[1]] == [(8, 8), (3, 8, 8), (8, 8)]
+    assert not np.allclose(nll[1][0], nll[1][2])  # different slices score differently
+    for batch_size in (3, 8):
+        for one, batched in zip(nll[1], nll[batch_size]):
+            np.testing.assert_allclose(batched, one, rtol=1e-5, atol=1e-5)
+
+
 def test_anomaly_command_errors(tmp_path):
     run = tiny_run(str(tmp_path / "run"))
     message = run_error(["anomaly", "--run", run])
