@@ -258,3 +258,6 @@ python benchmarks/retrain_level.py --run "$OUT-oasis-slips-whole" --out "$OUT-oa
 python benchmarks/retrain_level.py --run "$OUT-oasis-both-m" --out "$OUT-oasis-both-mb" --level bottom
 python benchmarks/levels.py --run "$OUT-oasis-both-mb" --no-controls --no-nearest --top-temperatures 0.85 --given middle --seeds 0 1 2
 python benchmarks/levels.py --run "$OUT-oasis-both-mb" --no-controls --no-nearest --top-temperatures 0.85 --given --seeds 3 4 5 6 7 8
+# 2026-12-06, evening: anomaly maps healed in batches across files (0.85 s a slice), and nine more seeds of the default.
+python benchmarks/anomaly.py --run "$OUT-oasis-slips-whole" --data "$DATA/oasis_like" --slices 60
+python benchmarks/levels.py --run "$OUT-oasis-slips-whole" --no-controls --no-nearest --top-temperatures 0.85 --given --seeds 9 10 11 12 13 14 15 16 17
