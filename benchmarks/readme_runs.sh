@@ -261,3 +261,5 @@ python benchmarks/levels.py --run "$OUT-oasis-both-mb" --no-controls --no-neares
 # 2026-12-06, evening: anomaly maps healed in batches across files (0.85 s a slice), and nine more seeds of the default.
 python benchmarks/anomaly.py --run "$OUT-oasis-slips-whole" --data "$DATA/oasis_like" --slices 60
 python benchmarks/levels.py --run "$OUT-oasis-slips-whole" --no-controls --no-nearest --top-temperatures 0.85 --given --seeds 9 10 11 12 13 14 15 16 17
+# The control (validation against test subjects) at the same 18 seeds as the samples: its "validation slices (control)" row.
+python benchmarks/levels.py --run "$OUT-oasis-slips-whole" --no-nearest --seeds 0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17
