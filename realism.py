@@ -96,10 +96,13 @@ def downscale(images, size=C2ST_SIZE):
     return tf.image.resize(images, (size, size), method="area").numpy()
 
 
-def c2st_accuracy(first, second, folds=5, epochs=20, batch_size=32, seed=0):
-    """Held-out accuracy of a CNN telling (N, H, W[, 1]) slices `first` from `second`, with
-    `folds`-fold cross-validation (the classifier starts afresh in each fold; fewer folds for
-    sets smaller than `folds`). The two sets are cut to the same size, so 0.5 is chance."""
+def c2st_logits(first, second, folds=5, epochs=20, batch_size=32, seed=0):
+    """The held-out logits of a CNN telling (N, H, W[, 1]) slices `first` from `second`
+    (above 0: "from `first`"), with `folds`-fold cross-validation: each slice is scored by
+    the classifier of the fold that left it out (trained afresh in each fold; fewer folds
+    for sets smaller than `folds`). The two sets are cut to the same size at random.
+    Returns (logits of the picked slices of `first`, their indices in `first`, the same
+    for `second`)."""
     import keras
 
     count = min(len(first), len(second))
@@ -107,8 +110,8 @@ def c2st_accuracy(first, second, folds=5, epochs=20, batch_size=32, seed=0):
         raise ValueError(f"C2ST needs at least 2 slices in each set, got {len(first)} and {len(second)}")
     folds = min(folds, count)
     rng = np.random.default_rng(seed)
-    pick = lambda images: downscale(np.asarray(images)[rng.permutation(len(images))[:count]])  # noqa: E731
-    images = np.concatenate([pick(first), pick(second)])
+    picked = [rng.permutation(len(images))[:count] for images in (first, second)]
+    images = np.concatenate([downscale(np.asarray(images)[pick]) for images, pick in zip((first, second), picked)])
     labels = np.concatenate([np.ones(count), np.zeros(count)]).astype(np.float32)
     order = rng.permutation(len(images))
     # One classifier, traced once, and set back to the same fresh state before each fold:
@@ -119,16 +122,22 @@ def c2st_accuracy(first, second, folds=5, epochs=20, batch_size=32, seed=0):
                   loss=keras.losses.BinaryCrossentropy(from_logits=True))
     model.optimizer.build(model.trainable_variables)
     fresh = [(variable, variable.numpy()) for variable in model.variables + model.optimizer.variables]
-    correct = 0
+    logits = np.zeros(len(images), np.float32)
     for fold in np.array_split(order, folds):
         train = np.setdiff1d(order, fold)
         keras.utils.set_random_seed(seed)
         for variable, value in fresh:
             variable.assign(value)
         model.fit(images[train], labels[train], epochs=epochs, batch_size=batch_size, verbose=0)
-        predicted = model(images[fold], training=False).numpy()[:, 0] > 0
-        correct += int(np.sum(predicted == (labels[fold] > 0.5)))
-    return correct / len(images)
+        logits[fold] = model(images[fold], training=False).numpy()[:, 0]
+    return logits[:count], picked[0], logits[count:], picked[1]
+
+
+def c2st_accuracy(first, second, folds=5, epochs=20, batch_size=32, seed=0):
+    """Held-out accuracy of a CNN telling (N, H, W[, 1]) slices `first` from `second`
+    (`c2st_logits`). The two sets are cut to the same size, so 0.5 is chance."""
+    first_logits, _, second_logits, _ = c2st_logits(first, second, folds, epochs, batch_size, seed)
+    return float(np.mean(np.concatenate([first_logits > 0, second_logits <= 0])))
 
 
 def realism_metrics(samples, real, control, seed=0, epochs=20):

@@ -46,3 +46,16 @@ def test_c2st_tells_different_sets_apart_and_not_alike_ones():
     assert realism.c2st_accuracy(noise[:24], noise[24:], folds=3, epochs=5, batch_size=4) <= 0.75
     with pytest.raises(ValueError, match="at least 2 slices"):
         realism.c2st_accuracy(noise[:1], noise[1:])
+
+
+def test_c2st_logits_score_each_picked_slice_with_the_fold_that_left_it_out():
+    rng = np.random.default_rng(1)
+    discs = np.stack([disc(centre=(32 + rng.integers(-4, 5), 32), radius=rng.integers(14, 20)) for _ in range(30)])
+    rings = np.stack([disc(radius=r) - disc(radius=r - 6) for r in rng.integers(14, 20, 24)])
+    first, picked, second, second_picked = realism.c2st_logits(discs, rings, folds=3, epochs=20, batch_size=4)
+    # The larger set is cut to the smaller one's size, each slice picked at most once.
+    assert len(first) == len(picked) == len(second) == len(second_picked) == 24
+    assert len(set(picked)) == 24 and set(picked) <= set(range(30)) and sorted(second_picked) == list(range(24))
+    assert np.mean(first > 0) >= 0.8 and np.mean(second <= 0) >= 0.8  # above 0: "from the first set"
+    accuracy = np.mean(np.concatenate([first > 0, second <= 0]))
+    assert realism.c2st_accuracy(discs, rings, folds=3, epochs=20, batch_size=4) == pytest.approx(accuracy)
