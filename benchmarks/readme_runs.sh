@@ -263,3 +263,6 @@ python benchmarks/anomaly.py --run "$OUT-oasis-slips-whole" --data "$DATA/oasis_
 python benchmarks/levels.py --run "$OUT-oasis-slips-whole" --no-controls --no-nearest --top-temperatures 0.85 --given --seeds 9 10 11 12 13 14 15 16 17
 # The control (validation against test subjects) at the same 18 seeds as the samples: its "validation slices (control)" row.
 python benchmarks/levels.py --run "$OUT-oasis-slips-whole" --no-nearest --seeds 0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17
+# What the classifier tells apart, by fifth of the volume, and its surest and least sure slices.
+python benchmarks/levels.py --run "$OUT-oasis-slips-whole" --no-nearest --top-temperatures 0.85 --given middle --seeds 0 1 2 --by-position --extremes resources/oasis_c2st_extremes.png
+python benchmarks/levels.py --run "$OUT-oasis-top-position" --no-controls --no-nearest --top-temperatures 0.85 --given --seeds 0 1 2 --by-position
