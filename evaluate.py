@@ -33,6 +33,7 @@ import time
 import numpy as np
 import tensorflow as tf
 
+import realism
 import vqvae
 
 MS_SSIM_POWER_FACTORS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # tf.image.ssim_multiscale's default
@@ -298,7 +299,7 @@ def evaluate_run(run_dir, model, splits, prior=None, samples=16, temperature=1.0
         metrics["log2_K"] = float(np.log2(model.num_embeddings))
         if samples:
             sample_metrics, figures["samples"] = sample_report(model, prior, splits, test_grids, samples, temperature,
-                                                               seed, out, cmap)
+                                                               seed, out, cmap, test_positions)
             metrics.update(sample_metrics)
     else:
         print(f"{run_dir} has no pixelcnn.keras: scoring the VQ-VAE only", flush=True)
@@ -344,13 +345,14 @@ def reconstruction_report(model, dataset, out, cmap="gray"):
     return metrics, figures, scores["codes"]
 
 
-def sample_report(model, prior, splits, test_grids, samples, temperature, seed, out, cmap="gray"):
+def sample_report(model, prior, splits, test_grids, samples, temperature, seed, out, cmap="gray",
+                  test_positions=None):
     """Sample slices and score them against real test slices (realism: C2ST against the
-    real-vs-real control and anatomy statistics; nearest training slice, diversity, code
-    histogram); returns the metrics and the path of their figure."""
+    real-vs-real control, by fifth of the volume where the test slices' positions are known,
+    and anatomy statistics; nearest training slice, diversity, code histogram); returns the
+    metrics and the path of their figure."""
     import hierarchy
     import plots
-    import realism
 
     print(f"sampling {samples} slices and comparing them with real ones", flush=True)
     sample_codes = hierarchy.sampler_for(prior, samples, *test_grids.shape[1:]).sample(temperature, seed).numpy()
@@ -362,7 +364,8 @@ def sample_report(model, prior, splits, test_grids, samples, temperature, seed, 
     sample_nn, real_nn = nearest[: len(generated)], nearest[len(generated):]
     print(f"realism: a classifier two-sample test of {len(generated)} samples against {len(test)} test slices, "
           "and of the validation slices against them (the control)", flush=True)
-    metrics = realism.realism_metrics(generated, test, split_images(splits["validate"], model.shift), seed)
+    metrics = realism.realism_metrics(generated, test, split_images(splits["validate"], model.shift), seed,
+                                      real_positions=test_positions)
     metrics.update({
         "samples": int(samples), "sample_temperature": float(temperature),
         "samples_nn_ssim_mean": float(sample_nn.mean()), "samples_nn_ssim_max": float(sample_nn.max()),
@@ -382,4 +385,5 @@ def sample_report(model, prior, splits, test_grids, samples, temperature, seed, 
 SAMPLE_KEYS = ("samples", "sample_temperature", "samples_nn_ssim_mean", "samples_nn_ssim_max", "real_nn_ssim_mean",
                "real_nn_ssim_max", "samples_pairwise_ssim", "real_pairwise_ssim", "code_histogram_js_bits",
                "c2st_samples_vs_real", "c2st_real_vs_real", "c2st_slices", *(f"{who}_{statistic}" for who in (
-                   "samples", "real") for statistic in ("near_empty", "one_piece", "solidity", "symmetry")))
+                   "samples", "real") for statistic in ("near_empty", "one_piece", "solidity", "symmetry")),
+               *(f"c2st_{who}_auroc_{name}" for who in ("samples", "control") for name in realism.position_bins([])))

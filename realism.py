@@ -140,12 +140,47 @@ def c2st_accuracy(first, second, folds=5, epochs=20, batch_size=32, seed=0):
     return float(np.mean(np.concatenate([first_logits > 0, second_logits <= 0])))
 
 
-def realism_metrics(samples, real, control, seed=0, epochs=20):
+POSITION_BINS = 5  # the C2ST by slice position: the real slices in fifths of the volume
+
+
+def auroc(higher, lower):
+    """P(a score of `higher` > one of `lower`), ties counting half: the AUROC (NaN if either is empty)."""
+    higher, lower = np.asarray(higher)[:, None], np.asarray(lower)[None, :]
+    return float(np.mean((higher > lower) + 0.5 * (higher == lower))) if higher.size and lower.size else float("nan")
+
+
+def position_bins(positions):
+    """{"<lo>-<hi>": which of the slice `positions` (0 the lowest slice of its volume, 1 the
+    top) are in [lo, hi) (the last bin also holds 1)}, one per fifth of the volume; unknown
+    (NaN) positions are in none."""
+    positions = np.asarray(positions, np.float64)
+    edges = np.linspace(0, 1, POSITION_BINS + 1)
+    return {f"{lo:.1f}-{hi:.1f}": (positions >= lo) & ((positions < hi) | ((hi == 1) & (positions <= 1)))
+            for lo, hi in zip(edges[:-1], edges[1:])}
+
+
+def position_aurocs(logits, real_logits, real_positions):
+    """{"<lo>-<hi>": how well the C2ST's held-out `logits` of a set tell it from the real
+    slices (`real_logits`) whose position is in that fifth of the volume, as an AUROC (0.5:
+    not told apart; 1: always)}: which levels of the brain give a set away."""
+    return {name: auroc(logits, real_logits[inside]) for name, inside in position_bins(real_positions).items()}
+
+
+def realism_metrics(samples, real, control, seed=0, epochs=20, real_positions=None):
     """Samples against real slices, with the real-vs-real control: C2ST accuracies and the
-    anatomy statistics of each set, as one flat dict for metrics.json."""
-    metrics = {"c2st_samples_vs_real": c2st_accuracy(samples, real, seed=seed, epochs=epochs),
-               "c2st_real_vs_real": c2st_accuracy(control, real, seed=seed, epochs=epochs),
-               "c2st_slices": int(min(len(samples), len(real)))}
+    anatomy statistics of each set, as one flat dict for metrics.json. With the real slices'
+    positions (any known), also each set's AUROC against each fifth of the volume
+    (`position_aurocs`; "c2st_<samples|control>_auroc_<lo>-<hi>")."""
+    metrics = {"c2st_slices": int(min(len(samples), len(real)))}
+    known = real_positions is not None and np.isfinite(np.asarray(real_positions, np.float64)).any()
+    for name, images in (("samples_vs_real", samples), ("real_vs_real", control)):
+        logits, _, real_logits, real_picked = c2st_logits(images, real, seed=seed, epochs=epochs)
+        metrics[f"c2st_{name}"] = float(np.mean(np.concatenate([logits > 0, real_logits <= 0])))
+        if known:
+            who = "samples" if name == "samples_vs_real" else "control"
+            aurocs = position_aurocs(logits, real_logits, np.asarray(real_positions, np.float64)[real_picked])
+            metrics.update({f"c2st_{who}_auroc_{bin_name}": value for bin_name, value in aurocs.items()
+                            if np.isfinite(value)})  # a fifth with no real slices has none
     for name, images in (("samples", samples), ("real", real)):
         metrics.update({f"{name}_{key}": value for key, value in anatomy_statistics(images).items()})
     return metrics

@@ -34,6 +34,11 @@ METRIC_ROWS = [
         ("samples_near_empty", "near-empty samples", "{:.1%}"), ("real_near_empty", "near-empty real slices", "{:.1%}"),
         ("samples_solidity", "solidity of samples", "{:.3f}"), ("real_solidity", "solidity of real slices", "{:.3f}"),
     ]),
+    ("Realism by level: how well the classifier tells each set from the real test slices of each fifth of the "
+     "volume (AUROC; 0.5 = not told apart, 1 = always; 0 = the lowest slice)", [
+        (f"c2st_{who}_auroc_{name}", f"{label}, real slices at {name}", "{:.3f}")
+        for who, label in (("samples", "samples"), ("control", "validation subjects (the floor)"))
+        for name in ("0.0-0.2", "0.2-0.4", "0.4-0.6", "0.6-0.8", "0.8-1.0")]),
     ("Samples against real slices", [
         ("samples", "samples", "{:d}"), ("sample_temperature", "temperature", "{:g}"),
         ("samples_nn_ssim_mean", "nearest-train SSIM of samples (mean)", "{:.4f}"),

@@ -46,37 +46,13 @@ import numpy as np  # noqa: E402
 import table  # noqa: E402
 
 SHOWN = 8  # slices of each row in --figure
-POSITION_BINS = 5  # --by-position: the test slices in fifths of the volume
-
-
-def auroc(higher, lower):
-    """P(a score of `higher` > one of `lower`), ties counting half: the AUROC."""
-    higher, lower = np.asarray(higher)[:, None], np.asarray(lower)[None, :]
-    return float(np.mean((higher > lower) + 0.5 * (higher == lower))) if higher.size and lower.size else float("nan")
-
-
-def position_bins(positions):
-    """{"<lo>-<hi>": which of `positions` are in [lo, hi) (the last bin also holds 1)}, one
-    per fifth of the volume; unknown (NaN) positions are in none."""
-    edges = np.linspace(0, 1, POSITION_BINS + 1)
-    return {f"{lo:.1f}-{hi:.1f}": (positions >= lo) & ((positions < hi) | ((hi == 1) & (positions <= 1)))
-            for lo, hi in zip(edges[:-1], edges[1:])}
-
-
-def position_aurocs(slice_logits, real_logits, real_positions):
-    """{"auroc_<lo>-<hi>": AUROC of the slices' held-out C2ST logits against those of the
-    real test slices whose position is in [lo, hi)}, one per fifth of the volume."""
-    return {f"auroc_{name}": auroc(slice_logits, real_logits[inside])
-            for name, inside in position_bins(real_positions).items()}
-
-
 def scores(name, draw, test, train_batches, seeds, c2st=True, positions=None):
     """One table row of realism figures of the (N, H, W) slices in [0, 1] that `draw(seed)`
     gives, against the test slices, averaged over `seeds` (each seed its own slices and its
     own C2ST folds and classifier); the nearest-train SSIM (none without `train_batches`) is
     of the first seed's slices only, and no C2ST is run for the test slices themselves. With
     the test slices' `positions`, also the C2ST's AUROC against each fifth of the volume
-    (`position_aurocs`), and the first seed's slices and C2ST logits for --extremes."""
+    (`realism.position_aurocs`), and the first seed's slices and C2ST logits for --extremes."""
     import evaluate
     import realism
 
@@ -93,7 +69,8 @@ def scores(name, draw, test, train_batches, seeds, c2st=True, positions=None):
             logits, picked, real_logits, real_picked = realism.c2st_logits(images, test, seed=seed)
             figures["c2st"] = float(np.mean(np.concatenate([logits > 0, real_logits <= 0])))
             if positions is not None:
-                figures.update(position_aurocs(logits, real_logits, positions[real_picked]))
+                figures.update({f"auroc_{name}": value for name, value in realism.position_aurocs(
+                    logits, real_logits, positions[real_picked]).items()})
                 if index == 0:
                     extremes = (images[picked], logits, test[real_picked], real_logits)
         per_seed.append({**figures, **realism.anatomy_statistics(images), "nearest_train_ssim": nearest,
@@ -199,7 +176,9 @@ def main():
                       [[row["slices"], row["c2st"], row["c2st_sd"], row["symmetry"], row["one_piece"], row["near_empty"],
                         row["solidity"], row["nearest_train_ssim"], row["pairwise_ssim"]] for row in rows])
     if positions is not None:
-        bins = position_bins(positions)
+        import realism
+
+        bins = realism.position_bins(positions)
         print("\nAUROC of the C2ST's held-out scores, each row against the real test slices of each fifth of the "
               "volume (0 = the lowest slice; test slices in each: " + ", ".join(str(int(inside.sum()))
                                                                         for inside in bins.values())

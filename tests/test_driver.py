@@ -168,7 +168,11 @@ def test_train_then_reconstruct(oasis_root, tmp_path):
     for key in ("samples_nn_ssim_mean", "real_nn_ssim_mean", "samples_pairwise_ssim", "real_pairwise_ssim"):
         assert -1 <= merged[key] <= 1, key
     assert 0 <= merged["code_histogram_js_bits"] <= 1 and merged["prior_test_bits_per_code"] > 0
+    # The OASIS names give slice positions, so the C2ST is also broken down by fifth of the volume.
+    by_level = {key: value for key, value in merged.items() if key.startswith("c2st_samples_auroc_")}
+    assert by_level and all(0 <= value <= 1 for value in by_level.values()), by_level
     page = open(report).read()
+    assert "Realism by level" in page
     assert page.count("data:image/png;base64,") == 9  # 3 curves, 3 reconstruction and 2 codebook figures, samples
     assert "http" not in page.replace("http-equiv", "")
     for name in ("ssim_histogram.png", "worst_reconstructions.png", "codebook_usage.png", "samples_nearest.png"):

@@ -59,3 +59,16 @@ def test_c2st_logits_score_each_picked_slice_with_the_fold_that_left_it_out():
     assert np.mean(first > 0) >= 0.8 and np.mean(second <= 0) >= 0.8  # above 0: "from the first set"
     accuracy = np.mean(np.concatenate([first > 0, second <= 0]))
     assert realism.c2st_accuracy(discs, rings, folds=3, epochs=20, batch_size=4) == pytest.approx(accuracy)
+
+
+def test_position_aurocs_say_which_fifth_of_the_volume_gives_a_set_away():
+    assert realism.auroc([2.0, 3.0], [0.0, 1.0]) == 1.0 and realism.auroc([1.0], [1.0]) == 0.5
+    assert np.isnan(realism.auroc([1.0], []))
+    positions = np.array([0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 1.0, np.nan])
+    bins = realism.position_bins(positions)
+    assert list(bins) == ["0.0-0.2", "0.2-0.4", "0.4-0.6", "0.6-0.8", "0.8-1.0"]
+    assert [int(inside.sum()) for inside in bins.values()] == [2, 1, 1, 1, 2]  # 1 in the last; NaN in none
+    # Real slices of the lowest fifth score like the samples (logit 1: "a sample"), the rest far lower.
+    real_logits = np.where(positions < 0.2, 1.0, -5.0)
+    aurocs = realism.position_aurocs(np.ones(4), real_logits, positions)
+    assert aurocs["0.0-0.2"] == 0.5 and aurocs["0.4-0.6"] == 1.0
