@@ -203,6 +203,7 @@ def write_maps(model, prior, paths, run_config, out, limits, draws=DRAWS, batch_
     os.makedirs(out, exist_ok=True)
     files.remove_stale_temporaries(out)
     progress, rows, waiting, queue = data.progress_bar(len(paths), "file"), [], [], []
+    number = {path: count for count, path in enumerate(paths, 1)}  # for the progress bar
 
     def heal_batch(count):
         """Maps of the first `count` queued slices (the batch filled up with blank slices)."""
@@ -215,7 +216,7 @@ def write_maps(model, prior, paths, run_config, out, limits, draws=DRAWS, batch_
         while waiting and len(waiting[0]["results"]) == len(waiting[0]["slices"]):
             entry = waiting.pop(0)
             rows.append(write_file(entry, size, out, run_config.get("cmap", "gray")))
-            progress.update(paths.index(entry["path"]) + 1)
+            progress.update(number[entry["path"]])
 
     for path, slices, (affine, axis) in readable_files(paths, run_config):
         entry = {"path": path, "slices": slices, "affine": affine, "axis": axis, "results": []}
