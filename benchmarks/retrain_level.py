@@ -72,7 +72,8 @@ def main():
     parser.add_argument("--run", required=True, help="a finished run with a hierarchical prior")
     parser.add_argument("--out", required=True, help="the new run folder (must not exist)")
     parser.add_argument("--level", required=True, choices=("top", "middle", "bottom"))
-    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="config.json settings to change")
+    parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                        help="config.json settings to change (--set A=1 B=2, or --set A=1 --set B=2)")
     args = parser.parse_args()
 
     import quiet
