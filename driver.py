@@ -74,8 +74,8 @@ class Config:
     pcnn_top_codes: int = option(64, "hierarchical prior: codes of the top grid (k-means of blocks of code vectors)")
     pcnn_top_factor: int = option(4, "hierarchical prior: the side of those blocks, in codes (4: 64x64 -> 16x16)")
     pcnn_top_filters: int = option(48, "hierarchical prior: channels of the top PixelCNN (its head is 4x as wide)")
-    pcnn_top_layers: int = option(12, "hierarchical prior: gated layers of the top PixelCNN")
-    pcnn_top_epochs: int = option(12, "hierarchical prior: training epochs of the top PixelCNN")
+    pcnn_top_layers: int = option(16, "hierarchical prior: gated layers of the top PixelCNN")
+    pcnn_top_epochs: int = option(16, "hierarchical prior: training epochs of the top PixelCNN")
     pcnn_top_dropout: float = option(0.2, "hierarchical prior: share of each gated layer's output the top PixelCNN "
                                           "drops in training (a regulariser for its few grids)")
     pcnn_top_shift: int = option(0, "hierarchical prior: the top PixelCNN also trains on the grids moved <= N codes")
@@ -92,8 +92,9 @@ class Config:
     pcnn_slip_levels: str = option("bottom", "hierarchical prior: the finer levels that train with those slips: "
                                              "'bottom', 'middle' or 'both'")
     pcnn_mirror: bool = option(True, "train the prior on the training slices mirrored left to right too (2x grids)")
-    pcnn_position_bins: int = option(0, "hierarchical prior: condition the top grid on the slice's level in its "
-                                        "volume, in this many bins (0 = no position)")
+    pcnn_position_bins: int = option(10, "hierarchical prior: condition the top grid on the slice's level in its "
+                                         "volume, in this many bins (0 = no position; slices of unknown level "
+                                         "train and sample as 'unknown')")
     pcnn_top_temperature: float = option(0.85, "hierarchical prior: the top grid (the head's outline) is sampled at "
                                               "this times the sampling temperature (< 1: more typical shapes)")
     pcnn_bottom_temperature: float = option(1.0, "hierarchical prior: the codes are sampled at this times --temperature")
