@@ -266,3 +266,10 @@ python benchmarks/levels.py --run "$OUT-oasis-slips-whole" --no-nearest --seeds 
 # What the classifier tells apart, by fifth of the volume, and its surest and least sure slices.
 python benchmarks/levels.py --run "$OUT-oasis-slips-whole" --no-nearest --top-temperatures 0.85 --given middle --seeds 0 1 2 --by-position --extremes resources/oasis_c2st_extremes.png
 python benchmarks/levels.py --run "$OUT-oasis-top-position" --no-controls --no-nearest --top-temperatures 0.85 --given --seeds 0 1 2 --by-position
+# 2026-12-06, 17:20: the position-conditioned top with 16 layers and 16 epochs (the new default's top), on the whole run's models.
+python benchmarks/retrain_level.py --run "$OUT-oasis-slips-whole" --out "$OUT-oasis-top-deep" --level top --set pcnn_position_bins=10 pcnn_top_layers=16 pcnn_top_epochs=16
+python benchmarks/levels.py --run "$OUT-oasis-top-deep" --no-controls --no-nearest --top-temperatures 0.85 --given --seeds 0 1 2 --by-position
+python benchmarks/levels.py --run "$OUT-oasis-top-deep" --no-controls --no-nearest --top-temperatures 0.85 --given --seeds 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 --by-position
+python benchmarks/levels.py --run "$OUT-oasis-top-deep" --no-controls --top-temperatures 0.85 --given --seeds 0
+/usr/bin/time python driver.py sample --run "$OUT-oasis-top-deep" --n 16
+cp "$OUT-oasis-top-deep/samples/samples.png" resources/oasis_samples_default.png

@@ -268,11 +268,12 @@ def test_hierarchical_prior_run_samples_and_reloads(oasis_root, tmp_path, capsys
 
 
 def test_sampling_at_a_position_needs_a_prior_trained_with_positions(tmp_path):
-    """The default hierarchical prior (no position bins), saved untrained beside a VQ-VAE."""
+    """A hierarchical prior without position bins, saved untrained beside a VQ-VAE."""
     import train
 
     config = driver.Config(K=8, D=4, filters=[4, 8], res_blocks=1, pcnn_top_codes=4, pcnn_top_filters=8,
-                           pcnn_top_layers=2, pcnn_middle_codes=6, pcnn_filters=8, pcnn_layers=2)
+                           pcnn_top_layers=2, pcnn_middle_codes=6, pcnn_filters=8, pcnn_layers=2,
+                           pcnn_position_bins=0)
     (tmp_path / "config.json").write_text(json.dumps({**dataclasses.asdict(config), "image_size": [32, 32]}))
     train.build_vqvae(config).save(str(tmp_path / "vqvae.keras"))
     train.build_prior(config).save(str(tmp_path / "pixelcnn.keras"))
@@ -307,6 +308,7 @@ def test_a_run_made_before_the_middle_grid_reloads_as_it_was(tmp_path):
             config.pcnn_bottom_temperature, config.pcnn_middle_layers, config.pcnn_top_dropout,
             config.pcnn_precision, config.pcnn_weights_ema, config.pcnn_slip_levels, config.pcnn_condition_slips) == (
         0, 0, 1.0, 1.0, 0, 0.0, "float32", 0.0, "both", 0.0)
+    assert config.pcnn_position_bins == 0 and driver.Config().pcnn_position_bins == 10  # no positions then
     assert config.K == driver.Config().K
     (tmp_path / "config.json").write_text(json.dumps({**saved, "pcnn_middle_codes": 256}))
     assert runs.load_config(str(tmp_path))["pcnn_middle_codes"] == 256
