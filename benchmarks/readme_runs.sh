@@ -273,3 +273,4 @@ python benchmarks/levels.py --run "$OUT-oasis-top-deep" --no-controls --no-neare
 python benchmarks/levels.py --run "$OUT-oasis-top-deep" --no-controls --top-temperatures 0.85 --given --seeds 0
 /usr/bin/time python driver.py sample --run "$OUT-oasis-top-deep" --n 16
 cp "$OUT-oasis-top-deep/samples/samples.png" resources/oasis_samples_default.png
+python benchmarks/anomaly.py --run "$OUT-oasis-top-deep" --data "$DATA/oasis_like" --slices 60
