@@ -69,7 +69,7 @@ def scores(name, draw, test, train_batches, seeds, c2st=True, positions=None):
             logits, picked, real_logits, real_picked = realism.c2st_logits(images, test, seed=seed)
             figures["c2st"] = float(np.mean(np.concatenate([logits > 0, real_logits <= 0])))
             if positions is not None:
-                figures.update({f"auroc_{name}": value for name, value in realism.position_aurocs(
+                figures.update({f"auroc_{fifth}": value for fifth, value in realism.position_aurocs(
                     logits, real_logits, positions[real_picked]).items()})
                 if index == 0:
                     extremes = (images[picked], logits, test[real_picked], real_logits)
