@@ -274,3 +274,4 @@ python benchmarks/levels.py --run "$OUT-oasis-top-deep" --no-controls --top-temp
 /usr/bin/time python driver.py sample --run "$OUT-oasis-top-deep" --n 16
 cp "$OUT-oasis-top-deep/samples/samples.png" resources/oasis_samples_default.png
 python benchmarks/anomaly.py --run "$OUT-oasis-top-deep" --data "$DATA/oasis_like" --slices 60
+/usr/bin/time -v python driver.py --data "$DATA/oasis_like" --out "$OUT-oasis-top-deep-whole"
