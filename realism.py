@@ -137,6 +137,11 @@ def c2st_accuracy(first, second, folds=5, epochs=20, batch_size=32, seed=0):
     """Held-out accuracy of a CNN telling (N, H, W[, 1]) slices `first` from `second`
     (`c2st_logits`). The two sets are cut to the same size, so 0.5 is chance."""
     first_logits, _, second_logits, _ = c2st_logits(first, second, folds, epochs, batch_size, seed)
+    return held_out_accuracy(first_logits, second_logits)
+
+
+def held_out_accuracy(first_logits, second_logits):
+    """The C2ST's accuracy from its held-out logits (`c2st_logits`): above 0 is "from the first set"."""
     return float(np.mean(np.concatenate([first_logits > 0, second_logits <= 0])))
 
 
@@ -172,13 +177,14 @@ def realism_metrics(samples, real, control, seed=0, epochs=20, real_positions=No
     positions (any known), also each set's AUROC against each fifth of the volume
     (`position_aurocs`; "c2st_<samples|control>_auroc_<lo>-<hi>")."""
     metrics = {"c2st_slices": int(min(len(samples), len(real)))}
-    known = real_positions is not None and np.isfinite(np.asarray(real_positions, np.float64)).any()
+    positions = None if real_positions is None else np.asarray(real_positions, np.float64)
+    known = positions is not None and np.isfinite(positions).any()
     for name, images in (("samples_vs_real", samples), ("real_vs_real", control)):
         logits, _, real_logits, real_picked = c2st_logits(images, real, seed=seed, epochs=epochs)
-        metrics[f"c2st_{name}"] = float(np.mean(np.concatenate([logits > 0, real_logits <= 0])))
+        metrics[f"c2st_{name}"] = held_out_accuracy(logits, real_logits)
         if known:
             who = "samples" if name == "samples_vs_real" else "control"
-            aurocs = position_aurocs(logits, real_logits, np.asarray(real_positions, np.float64)[real_picked])
+            aurocs = position_aurocs(logits, real_logits, positions[real_picked])
             metrics.update({f"c2st_{who}_auroc_{bin_name}": value for bin_name, value in aurocs.items()
                             if np.isfinite(value)})  # a fifth with no real slices has none
     for name, images in (("samples", samples), ("real", real)):

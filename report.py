@@ -9,6 +9,8 @@ import html
 import os
 import time
 
+import realism
+
 METRIC_ROWS = [
     ("Reconstruction (test split)", [
         ("test_slices", "slices", "{:d}"), ("test_ssim_mean", "SSIM mean", "{:.4f}"),
@@ -38,7 +40,7 @@ METRIC_ROWS = [
      "volume (AUROC; 0.5 = not told apart, 1 = always; 0 = the lowest slice)", [
         (f"c2st_{who}_auroc_{name}", f"{label}, real slices at {name}", "{:.3f}")
         for who, label in (("samples", "samples"), ("control", "validation subjects (the floor)"))
-        for name in ("0.0-0.2", "0.2-0.4", "0.4-0.6", "0.6-0.8", "0.8-1.0")]),
+        for name in realism.position_bins([])]),
     ("Samples against real slices", [
         ("samples", "samples", "{:d}"), ("sample_temperature", "temperature", "{:g}"),
         ("samples_nn_ssim_mean", "nearest-train SSIM of samples (mean)", "{:.4f}"),

@@ -67,7 +67,7 @@ def scores(name, draw, test, train_batches, seeds, c2st=True, positions=None):
         figures = {"c2st": float("nan")}
         if c2st:
             logits, picked, real_logits, real_picked = realism.c2st_logits(images, test, seed=seed)
-            figures["c2st"] = float(np.mean(np.concatenate([logits > 0, real_logits <= 0])))
+            figures["c2st"] = realism.held_out_accuracy(logits, real_logits)
             if positions is not None:
                 figures.update({f"auroc_{fifth}": value for fifth, value in realism.position_aurocs(
                     logits, real_logits, positions[real_picked]).items()})
