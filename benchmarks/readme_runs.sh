@@ -275,3 +275,7 @@ python benchmarks/levels.py --run "$OUT-oasis-top-deep" --no-controls --top-temp
 cp "$OUT-oasis-top-deep/samples/samples.png" resources/oasis_samples_default.png
 python benchmarks/anomaly.py --run "$OUT-oasis-top-deep" --data "$DATA/oasis_like" --slices 60
 /usr/bin/time -v python driver.py --data "$DATA/oasis_like" --out "$OUT-oasis-top-deep-whole"
+# 2026-12-06, 19:10: the new default's whole run, its own samples scored over 18 seeds; its samples in the README.
+python benchmarks/levels.py --run "$OUT-oasis-top-deep-whole" --no-controls --top-temperatures 0.85 --given --seeds 0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17
+cp "$OUT-oasis-top-deep-whole/samples/samples.png" resources/oasis_samples_default.png  # the samples the run drew at its end
+/usr/bin/time python driver.py sample --run "$OUT-oasis-top-deep-whole" --n 16 --out "$OUT-sample16"
