@@ -74,7 +74,8 @@ class Config:
     pcnn_top_codes: int = option(64, "hierarchical prior: codes of the top grid (k-means of blocks of code vectors)")
     pcnn_top_factor: int = option(4, "hierarchical prior: the side of those blocks, in codes (4: 64x64 -> 16x16)")
     pcnn_top_filters: int = option(48, "hierarchical prior: channels of the top PixelCNN (its head is 4x as wide)")
-    pcnn_top_layers: int = option(16, "hierarchical prior: gated layers of the top PixelCNN")
+    pcnn_top_layers: int = option(16, "hierarchical prior: gated layers of the top PixelCNN (at most the top grid's "
+                                           "rows: deeper stacks see no more of it)")
     pcnn_top_epochs: int = option(16, "hierarchical prior: training epochs of the top PixelCNN")
     pcnn_top_dropout: float = option(0.2, "hierarchical prior: share of each gated layer's output the top PixelCNN "
                                           "drops in training (a regulariser for its few grids)")

@@ -71,12 +71,25 @@ def build_vqvae(config):
     return model
 
 
-def build_prior(config):
-    """The prior of a config: a compiled PixelCNN, or a HierarchicalPrior whose PixelCNNs
-    are compiled (the middle one with the top one's channels)."""
+def top_layers(config, grid_rows=None):
+    """The top PixelCNN's gated layers: --pcnn-top-layers, but no more than the top grid of
+    code grids of `grid_rows` rows has rows. Its first 7x7 layer sees 3 rows above a code
+    and each gated layer one more (checked: on a 16x16 grid 16 layers carry the first row
+    to the last, 12 do not), so a stack as deep as the grid has rows sees all of it and a
+    deeper one adds no view. On the demo data's 8x8 top grid 8 layers fit as well as 16
+    (validation 1.446 bits per top code against 1.448) in half the time."""
+    if grid_rows is None:
+        return config.pcnn_top_layers
+    return max(1, min(config.pcnn_top_layers, grid_rows // config.pcnn_top_factor))
+
+
+def build_prior(config, grid_rows=None):
+    """The prior of a config (for code grids of `grid_rows` rows, if known): a compiled
+    PixelCNN, or a HierarchicalPrior whose PixelCNNs are compiled (the middle one with the
+    top one's channels)."""
     settings = dict(filters=config.pcnn_filters, num_layers=config.pcnn_layers, head_units=config.pcnn_head_units or None)
     if config.pcnn_variant == "hierarchical":
-        top = dict(filters=config.pcnn_top_filters, num_layers=config.pcnn_top_layers,
+        top = dict(filters=config.pcnn_top_filters, num_layers=top_layers(config, grid_rows),
                    head_units=4 * config.pcnn_top_filters)
         middle = dict(top, num_layers=config.pcnn_middle_layers or config.pcnn_top_layers,
                       condition_blocks=config.pcnn_condition_blocks)
@@ -545,7 +558,7 @@ def train_prior(config, model, ordered, run_dir, strategy, positions=None):
         files.atomic_write(codes_path, lambda path: np.savez_compressed(path, **codes))
     grids, positions = training_grids(codes, positions, config.pcnn_mirror)
     with strategy.scope():
-        prior = build_prior(config)
+        prior = build_prior(config, grids["train"].shape[1])
     if prior_precision(config) == "bfloat16":
         print(f"the PixelCNNs train in bfloat16 with float32 weights (--pcnn-precision {config.pcnn_precision}; "
               f"this CPU has {native_bfloat16() or 'no native bfloat16'})", flush=True)

@@ -383,6 +383,21 @@ def test_prior_precision_is_bfloat16_by_default_only_where_the_cpu_has_it(monkey
     assert train.prior_precision(types.SimpleNamespace(pcnn_precision="bfloat16")) == "bfloat16"
 
 
+def test_top_prior_is_no_deeper_than_its_grid_has_rows():
+    import dataclasses
+
+    import driver
+    import train
+
+    config = dataclasses.replace(driver.Config(), pcnn_top_layers=16, pcnn_top_factor=4)
+    # 256x256 slices: 64x64 codes, a 16x16 top grid (the default's 16 layers); 128x128: 8x8.
+    assert train.top_layers(config, 64) == 16 and train.top_layers(config, 32) == 8
+    assert train.top_layers(config, 4) == 1 and train.top_layers(config) == 16  # rows unknown: as set
+    prior = train.build_prior(config, 32)
+    assert prior.networks[0].num_layers == 8
+    assert prior.networks[1].num_layers == config.pcnn_middle_layers  # only the top one is capped
+
+
 def test_a_prior_with_weights_ema_validates_and_saves_the_averaged_weights(tmp_path):
     """--pcnn-weights-ema: what each epoch validates is the moving average of the weights,
     and the checkpoint fit_prior returns is that average (its loss on the validation grids is
