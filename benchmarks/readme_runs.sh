@@ -279,3 +279,6 @@ python benchmarks/anomaly.py --run "$OUT-oasis-top-deep" --data "$DATA/oasis_lik
 python benchmarks/levels.py --run "$OUT-oasis-top-deep-whole" --no-controls --top-temperatures 0.85 --given --seeds 0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17
 cp "$OUT-oasis-top-deep-whole/samples/samples.png" resources/oasis_samples_default.png  # the samples the run drew at its end
 /usr/bin/time python driver.py sample --run "$OUT-oasis-top-deep-whole" --n 16 --out "$OUT-sample16"
+# 2026-12-06, 19:30-20:00: the demo on fresh clones (before, with the optimizer built before fit, with the top's depth capped by its rows).
+/usr/bin/time -v python driver.py
+python benchmarks/retrain_level.py --run runs/DEMO_RUN --out "$OUT-demo-top8" --level top --set pcnn_top_layers=8
