@@ -282,3 +282,16 @@ cp "$OUT-oasis-top-deep-whole/samples/samples.png" resources/oasis_samples_defau
 # 2026-12-06, 19:30-20:00: the demo on fresh clones (before, with the optimizer built before fit, with the top's depth capped by its rows).
 /usr/bin/time -v python driver.py
 python benchmarks/retrain_level.py --run runs/DEMO_RUN --out "$OUT-demo-top8" --level top --set pcnn_top_layers=8
+# 2026-12-06, 20:03: throughput side by side again, three rounds (the commit before issue 15, the commit before
+# nearest_rows dropped the row norms, this version), each in its own worktree as above.
+PRE15=$(mktemp -d); BEFORE_NEAREST=$(mktemp -d)
+git worktree add --detach "$PRE15" 55e362a
+cp benchmarks/throughput.py benchmarks/table.py "$PRE15/benchmarks/"
+git worktree add --detach "$BEFORE_NEAREST" 031345a
+for round in 1 2 3; do
+    (cd "$PRE15" && python benchmarks/throughput.py)
+    (cd "$BEFORE_NEAREST" && python benchmarks/throughput.py)
+    python benchmarks/throughput.py
+done
+git worktree remove --force "$PRE15"
+git worktree remove --force "$BEFORE_NEAREST"
