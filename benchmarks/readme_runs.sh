@@ -295,3 +295,5 @@ for round in 1 2 3; do
 done
 git worktree remove --force "$PRE15"
 git worktree remove --force "$BEFORE_NEAREST"
+# 2026-12-06, 20:30: the new default's whole run at five levels, real test slices beside each row.
+python benchmarks/sample_positions.py --run "$OUT-oasis-top-deep-whole" --data "$DATA/oasis_like" --out resources/oasis_samples_by_position_default.png

@@ -1,13 +1,14 @@
 """Samples of a position-conditioned prior at several levels of the brain, one row each.
 
     python benchmarks/sample_positions.py --run RUN [--positions 0.05 0.3 0.5 0.7 0.95] [--n 8]
+                                          [--data ../shared/data/oasis_like]
                                           [--out resources/oasis_samples_by_position.png]
 
 For a run whose hierarchical prior was trained with --pcnn-position-bins > 0: draws --n
 slices at each --positions value (as `driver.py sample --position P` does, with the same
 seed for every row, so rows differ only by the position), prints their anatomy statistics
-(realism.py) and draws the rows, with real test slices from the same levels above them if
---data is given.
+(realism.py) and draws the rows. With --data (a root whose test files are named `..._slice_K`,
+as OASIS names them), each row has the --n real test slices nearest its position beside it.
 """
 
 import argparse
@@ -25,9 +26,11 @@ def main():
     parser.add_argument("--positions", type=float, nargs="+", default=[0.05, 0.3, 0.5, 0.7, 0.95])
     parser.add_argument("--n", type=int, default=8, help="samples per position")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data", help="also show real test slices of this data root at each position")
     parser.add_argument("--out", default="resources/oasis_samples_by_position.png")
     args = parser.parse_args()
 
+    import data
     import plots
     import realism
     import runs
@@ -38,14 +41,30 @@ def main():
     if not getattr(prior, "position_bins", 0):
         sys.exit(f"sample_positions.py: error: the prior of {args.run} was trained without slice positions")
     grid = [size // model.downsampling for size in config["image_size"]]
-    rows = []
+    real = {}
+    if args.data:
+        positions = data.slice_positions(data.find_source(args.data).files["test"])
+        if not positions:
+            sys.exit(f"sample_positions.py: error: no test file of {args.data} is named ..._slice_K, so no "
+                     "real slice has a known position")
+        paths, known = list(positions), np.array(list(positions.values()))
+        for position in args.positions:
+            nearest = [paths[i] for i in np.argsort(np.abs(known - position), kind="stable")[: args.n]]
+            real[position] = np.stack([data.fit_to_size(data.decode_png(path) if data.is_png(path) else
+                                                        data.nifti_slices(path)[0][..., None],
+                                                        config["image_size"]).numpy() for path in nearest])
+    rows, labels = [], []
     for position in args.positions:
+        if args.data:
+            rows.append(real[position])
+            labels.append(f"real, {position:g}")
         images = np.concatenate(list(sample.sample_batches(model, prior, grid, args.n, seed=args.seed,
                                                            batch_size=args.n, position=position)))
         statistics = realism.anatomy_statistics(images[..., 0])
         print(f"position {position:g}: " + ", ".join(f"{key} {value:.3f}" for key, value in statistics.items()))
         rows.append(images)
-    plots.image_grid(rows, args.out, [f"position {p:g}" for p in args.positions], cmap=config.get("cmap", "gray"),
+        labels.append(f"position {position:g}")
+    plots.image_grid(rows, args.out, labels, cmap=config.get("cmap", "gray"),
                      title=f"samples at each position (seed {args.seed} in every row)")
     print(f"wrote {args.out}")
 
