@@ -82,7 +82,9 @@ def image_grid(rows, path, row_titles=None, cmap="gray", title=None, vmin=0.0, v
                                   fontsize=7)
     if title:
         figure.suptitle(title, fontsize=10)
-    figure.subplots_adjust(wspace=0.03, hspace=0.03)
+    # The title gets half an inch whatever the figure's height (matplotlib's default top
+    # margin is a share of it: two inches of blank above ten rows).
+    figure.subplots_adjust(wspace=0.03, hspace=0.03, top=1 - 0.5 / (n_rows * 1.6))
     save_figure(figure, path)
 
 
