@@ -393,6 +393,7 @@ def test_top_prior_is_no_deeper_than_its_grid_has_rows():
     # 256x256 slices: 64x64 codes, a 16x16 top grid (the default's 16 layers); 128x128: 8x8.
     assert train.top_layers(config, 64) == 16 and train.top_layers(config, 32) == 8
     assert train.top_layers(config, 4) == 1 and train.top_layers(config) == 16  # rows unknown: as set
+    assert train.top_layers(config, 25) == 7  # 25 code rows: 6 whole blocks and a partial one
     prior = train.build_prior(config, 32)
     assert prior.networks[0].num_layers == 8
     assert prior.networks[1].num_layers == config.pcnn_middle_layers  # only the top one is capped
