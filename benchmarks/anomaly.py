@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 from scipy import ndimage  # noqa: E402
 
+import realism  # noqa: E402
 import table  # noqa: E402
 
 
@@ -79,28 +80,14 @@ def best_dice(scores, labels):
     return float(np.max(2 * true_positives / (predicted + labels.sum())))
 
 
-def auroc(scores, labels):
-    """Area under the ROC curve (the Mann-Whitney statistic, ties counted half)."""
-    order = np.argsort(scores, kind="stable")
-    sorted_scores = scores[order]
-    rank = np.empty(len(scores))
-    start = 0
-    while start < len(scores):  # average ranks over ties
-        end = start
-        while end + 1 < len(scores) and sorted_scores[end + 1] == sorted_scores[start]:
-            end += 1
-        rank[order[start: end + 1]] = (start + end) / 2 + 1
-        start = end + 1
-    positives, negatives = labels.sum(), (~labels).sum()
-    return float((rank[labels].sum() - positives * (positives + 1) / 2) / (positives * negatives))
-
-
 def scores_of(maps, images, masks, slice_scores, lesioned):
     """AUPRC and best Dice over the head's pixels, and slice AUROC."""
     heads = np.stack([head_mask(image) for image in images])
     pixels, labels = maps[heads], masks[heads]
+    slice_scores = np.asarray(slice_scores)
     return {"auprc": average_precision(pixels, labels), "lesion_share": float(labels.mean()),
-            "best_dice": best_dice(pixels, labels), "slice_auroc": auroc(np.asarray(slice_scores), lesioned)}
+            "best_dice": best_dice(pixels, labels),
+            "slice_auroc": realism.auroc(slice_scores[lesioned], slice_scores[~lesioned])}
 
 
 def nll_map_auprc(nll, heads, masks):
