@@ -560,8 +560,8 @@ def train_prior(config, model, ordered, run_dir, strategy, positions=None):
     grids, positions = training_grids(codes, positions, config.pcnn_mirror)
     with strategy.scope():
         prior = build_prior(config, grids["train"].shape[1])
-    depth = top_layers(config, grids["train"].shape[1])
-    if config.pcnn_variant == "hierarchical" and depth < config.pcnn_top_layers:
+    depth = prior.networks[0].num_layers if isinstance(prior, hierarchy.HierarchicalPrior) else None
+    if depth is not None and depth < config.pcnn_top_layers:
         print(f"top PixelCNN: {depth} gated layers, not --pcnn-top-layers {config.pcnn_top_layers}: its grid has "
               f"{depth} rows, and a deeper stack sees no more of it", flush=True)
     if prior_precision(config) == "bfloat16":
