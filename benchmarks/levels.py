@@ -46,6 +46,8 @@ import numpy as np  # noqa: E402
 import table  # noqa: E402
 
 SHOWN = 8  # slices of each row in --figure
+
+
 def scores(name, draw, test, train_batches, seeds, c2st=True, positions=None):
     """One table row of realism figures of the (N, H, W) slices in [0, 1] that `draw(seed)`
     gives, against the test slices, averaged over `seeds` (each seed its own slices and its
