@@ -297,5 +297,5 @@ git worktree remove --force "$PRE15"
 git worktree remove --force "$BEFORE_NEAREST"
 # 2026-12-06, 20:30: the new default's whole run at five levels, real test slices beside each row.
 python benchmarks/sample_positions.py --run "$OUT-oasis-top-deep-whole" --data "$DATA/oasis_like" --out resources/oasis_samples_by_position_default.png
-# 2026-12-06, 21:00: the anomaly benchmark on the new default's own whole run.
+# 2026-12-06, 20:50: the anomaly benchmark on the new default's own whole run.
 python benchmarks/anomaly.py --run "$OUT-oasis-top-deep-whole" --data "$DATA/oasis_like" --slices 60
