@@ -299,3 +299,12 @@ git worktree remove --force "$BEFORE_NEAREST"
 python benchmarks/sample_positions.py --run "$OUT-oasis-top-deep-whole" --data "$DATA/oasis_like" --out resources/oasis_samples_by_position_default.png
 # 2026-12-06, 20:50: the anomaly benchmark on the new default's own whole run.
 python benchmarks/anomaly.py --run "$OUT-oasis-top-deep-whole" --data "$DATA/oasis_like" --slices 60
+
+# oneDNN's bfloat16 math mode against float32 (README, "oneDNN's bfloat16 math mode"; 2026-12-06):
+# the throughput benchmark taking turns, then a 10-minute run each.
+for round in 1 2; do
+    python benchmarks/throughput.py
+    TF_SET_ONEDNN_FPMATH_MODE=BF16 python benchmarks/throughput.py
+done
+python driver.py --data "$DATA/oasis_like" --max-minutes 10 --pcnn-epochs 0 --out "$OUT-f32-10min"
+TF_SET_ONEDNN_FPMATH_MODE=BF16 python driver.py --data "$DATA/oasis_like" --max-minutes 10 --pcnn-epochs 0 --out "$OUT-bf16math-10min"
