@@ -41,8 +41,6 @@ class Config:
     filters: list = option((16, 32), "channels of each stride-2 encoder stage (mirrored in the decoder): 2 values = /4")
     res_blocks: int = option(2, "residual blocks in the encoder and in the decoder")
     ssim_weight: float = option(0.5, "weight of an SSIM term in the reconstruction loss: MSE + W x (1 - SSIM)")
-    ssim_stride: int = option(1, "training only: the SSIM term's window moves this many pixels at a time "
-                              "(2: a cheaper estimate of the same term)")
     norm: str = option("group", "normalisation after each convolution: 'group' (per slice), 'batch' or 'none'")
     ema_decay: float = option(0.99, "decay of the EMA codebook updates; 0 = loss-based codebook (keras.io recipe)")
     codebook_init: str = option("kmeans", "'kmeans' on the first batch of encoder outputs, or 'uniform' random")
@@ -195,7 +193,7 @@ def require(checks):
 
 
 # Flag checks: the smallest value of each count, what must be positive, what has fixed choices.
-MINIMUM = dict(K=2, D=1, epochs=1, batch_size=1, beta=0, ssim_weight=0, ssim_stride=1, dead_code_steps=0, res_blocks=0,
+MINIMUM = dict(K=2, D=1, epochs=1, batch_size=1, beta=0, ssim_weight=0, dead_code_steps=0, res_blocks=0,
                max_minutes=0, grid_every=0, volume_index=0, pcnn_epochs=0, pcnn_filters=2, pcnn_res_blocks=0,
                pcnn_batch_size=1, samples=0, pcnn_top_codes=2, pcnn_top_factor=2, pcnn_top_filters=2,
                pcnn_top_layers=1, pcnn_top_epochs=1, pcnn_position_bins=0, pcnn_condition_blocks=0,

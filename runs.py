@@ -25,8 +25,7 @@ def require_folder(path, flag="--data"):
 EARLIER_SETTINGS = dict(pcnn_middle_codes=0, pcnn_condition_blocks=0, pcnn_top_temperature=1.0,
                         pcnn_bottom_temperature=1.0, pcnn_top_shift=0, pcnn_top_dropout=0.0,
                         pcnn_middle_layers=0, pcnn_precision="float32", pcnn_weights_ema=0.0,
-                        pcnn_slip_levels="both", pcnn_condition_slips=0.0, pcnn_position_bins=0,
-                        ssim_stride=1)
+                        pcnn_slip_levels="both", pcnn_condition_slips=0.0, pcnn_position_bins=0)
 
 
 def load_config(run_dir, flag="--run"):

@@ -65,7 +65,7 @@ def build_vqvae(config):
             num_embeddings=config.K, latent_dim=config.D, beta=config.beta, filters=config.filters,
             num_res_blocks=config.res_blocks, ema_decay=config.ema_decay, codebook_init=config.codebook_init,
             dead_code_steps=config.dead_code_steps, shift=config.shift, norm=config.norm,
-            ssim_weight=config.ssim_weight, ssim_stride=config.ssim_stride,
+            ssim_weight=config.ssim_weight,
         )
         model.compile(optimizer=averaging_adam(config.learning_rate, config.weights_ema), jit_compile=config.jit)
     return model

@@ -430,7 +430,7 @@ def scored_range(images, reconstructions, shift):
     return images - shift, tf.clip_by_value(reconstructions - shift, 0.0, 1.0)
 
 
-def ssim_loss_and_score(images, reconstructions, shift, stride=1):
+def ssim_loss_and_score(images, reconstructions, shift):
     """(1 - SSIM of a batch on images mirror-padded by half the SSIM window: the loss term,
     the batch's mean SSIM as tf.image.ssim scores it: the training metric), from one SSIM map.
 
@@ -438,20 +438,11 @@ def ssim_loss_and_score(images, reconstructions, shift, stride=1):
     edge is only ever at the faint rim of a window, and a model trained on it lets that frame
     go (measured: SSIM 0.30 there); padded, every pixel is the centre of some window. The
     windows of the padded map that hold no padding are the central crop, and exactly the
-    unpadded map's, so the metric needs no second SSIM.
-
-    `stride` > 1 slides the window `stride` pixels at a time (each pixel is still in many
-    windows), which makes the term cheaper; its SSIM is then the mean over those windows, an
-    estimate of tf.image.ssim's."""
+    unpadded map's, so the metric needs no second SSIM."""
     pad = [[0, 0], [SSIM_PAD, SSIM_PAD], [SSIM_PAD, SSIM_PAD], [0, 0]]
     padded = ssim_map(*(batch_as_channels(tf.pad(x, pad, mode="REFLECT"))
-                        for x in scored_range(images, reconstructions, shift)), stride=stride)
-    # Window i starts at padded pixel i * stride and holds no padding when that start is in
-    # [SSIM_PAD, size - 1 - SSIM_PAD] of the image's own size.
-    first = -(-SSIM_PAD // stride)
-    height, width = tf.shape(images)[1], tf.shape(images)[2]
-    inside = padded[:, first:(height - 1 - SSIM_PAD) // stride + 1, first:(width - 1 - SSIM_PAD) // stride + 1]
-    return 1.0 - tf.reduce_mean(padded), tf.reduce_mean(inside)
+                        for x in scored_range(images, reconstructions, shift)))
+    return 1.0 - tf.reduce_mean(padded), tf.reduce_mean(padded[:, SSIM_PAD:-SSIM_PAD, SSIM_PAD:-SSIM_PAD])
 
 
 def image_ssim(images, reconstructions, shift):
@@ -481,27 +472,27 @@ def gaussian_window(size=SSIM_WINDOW, sigma=SSIM_SIGMA):
     return (window / window.sum()).astype(np.float32)
 
 
-def local_mean(maps, window, stride=1):
-    """Gaussian-weighted local means of (1, H, W, C) maps, 'valid' padding, per channel, every
-    `stride` pixels: tf.image.ssim's 2D Gaussian is separable, so a column pass and a row
-    pass of the 1D window give its result at 2k instead of k^2 multiplies per pixel."""
+def local_mean(maps, window):
+    """Gaussian-weighted local means of (1, H, W, C) maps, 'valid' padding, per channel:
+    tf.image.ssim's 2D Gaussian is separable, so a column pass and a row pass of the 1D
+    window give its result at 2k instead of k^2 multiplies per pixel."""
     channels = tf.shape(maps)[-1]
     rows = tf.tile(window[:, None, None, None], [1, 1, channels, 1])
     columns = tf.tile(window[None, :, None, None], [1, 1, channels, 1])
-    maps = tf.nn.depthwise_conv2d(maps, rows, [1, stride, 1, 1], "VALID")
-    return tf.nn.depthwise_conv2d(maps, columns, [1, 1, stride, 1], "VALID")
+    maps = tf.nn.depthwise_conv2d(maps, rows, [1, 1, 1, 1], "VALID")
+    return tf.nn.depthwise_conv2d(maps, columns, [1, 1, 1, 1], "VALID")
 
 
-def ssim_map(x, y, window=None, stride=1):
-    """The (1, H - k + 1, W - k + 1, C) SSIM map (every `stride`-th window of it) of each channel of (1, H, W, C) maps `y`
+def ssim_map(x, y, window=None):
+    """The (1, H - k + 1, W - k + 1, C) SSIM map of each channel of (1, H, W, C) maps `y`
     against `x` in [0, 1] (`x` may have one channel, compared with each of `y`'s):
     tf.image.ssim's formula (K1 0.01, K2 0.03, max value 1) with `window` (default: its
     11-tap, sigma 1.5 Gaussian). The local means are filtered in two batches (of `x`'s
     maps and of `y`'s), as wider depthwise filters run faster than one per map."""
     window = tf.constant(gaussian_window()) if window is None else window
     c1, c2 = SSIM_K1**2, SSIM_K2**2
-    mu_x, xx = tf.split(local_mean(tf.concat([x, x * x], axis=-1), window, stride), 2, axis=-1)
-    mu_y, yy, xy = tf.split(local_mean(tf.concat([y, y * y, x * y], axis=-1), window, stride), 3, axis=-1)
+    mu_x, xx = tf.split(local_mean(tf.concat([x, x * x], axis=-1), window), 2, axis=-1)
+    mu_y, yy, xy = tf.split(local_mean(tf.concat([y, y * y, x * y], axis=-1), window), 3, axis=-1)
     luminance = (2 * mu_x * mu_y + c1) / (mu_x**2 + mu_y**2 + c1)
     contrast_structure = (2 * (xy - mu_x * mu_y) + c2) / (xx + yy - mu_x**2 - mu_y**2 + c2)
     return luminance * contrast_structure
@@ -524,7 +515,7 @@ class VQVAE(keras.Model):
 
     def __init__(self, num_embeddings=128, latent_dim=64, beta=0.25, filters=(16, 32), num_res_blocks=2,
                  ema_decay=0.99, codebook_init="kmeans", dead_code_steps=10, shift=-0.5, norm="batch",
-                 ssim_weight=0.0, ssim_stride=1, **kwargs):
+                 ssim_weight=0.0, **kwargs):
         super().__init__(**kwargs)
         if not filters or min(filters) < 1:
             raise ValueError(f"filters must be a non-empty list of positive widths, got {filters}")
@@ -539,9 +530,6 @@ class VQVAE(keras.Model):
         self.shift = float(shift)
         self.norm = norm
         self.ssim_weight = float(ssim_weight)
-        if int(ssim_stride) < 1:
-            raise ValueError(f"ssim_stride must be >= 1, got {ssim_stride}")
-        self.ssim_stride = int(ssim_stride)
 
         self.encoder = get_encoder(self.latent_dim, self.filters, self.num_res_blocks, norm)
         self.quantizer = VectorQuantizer(self.num_embeddings, self.latent_dim, self.beta, self.ema_decay,
@@ -608,9 +596,7 @@ class VQVAE(keras.Model):
         reconstructions = self.decoder(quantized, training=training)
         reconstruction_loss = tf.reduce_mean((images - reconstructions) ** 2)
         if self.ssim_weight:  # train for what is scored: structure, not only squared error
-            # Strided windows only in training: validation scores every window.
-            ssim_term, ssim = ssim_loss_and_score(images, reconstructions, self.shift,
-                                                  self.ssim_stride if training else 1)
+            ssim_term, ssim = ssim_loss_and_score(images, reconstructions, self.shift)
             reconstruction_loss += self.ssim_weight * ssim_term
         else:
             ssim = mean_ssim(images, reconstructions, self.shift)
@@ -652,5 +638,5 @@ class VQVAE(keras.Model):
             "filters": list(self.filters), "num_res_blocks": self.num_res_blocks,
             "ema_decay": self.ema_decay, "codebook_init": self.codebook_init,
             "dead_code_steps": self.dead_code_steps, "shift": self.shift, "norm": self.norm,
-            "ssim_weight": self.ssim_weight, "ssim_stride": self.ssim_stride, "name": self.name,
+            "ssim_weight": self.ssim_weight, "name": self.name,
         }

@@ -125,36 +125,6 @@ def test_codebook_statistics_perplexity():
     assert stats.result()["codebook_usage"].numpy() == 1 / 8
 
 
-@pytest.mark.parametrize("size", [48, 45])
-def test_strided_ssim_term_takes_every_other_window_of_the_full_map(size):
-    """With stride 2 the loss and the training metric are the means of every other window
-    (rows and columns) of the stride-1 padded map and of its padding-free windows, which
-    estimate the stride-1 figures closely; validation (training=False) scores every window."""
-    images = tiny_images(3, size=size, seed=6)
-    rng = np.random.default_rng(6)
-    noisy = (images + rng.normal(0, 0.2, images.shape)).astype(np.float32)
-    pad = [[0, 0], [vqvae.SSIM_PAD] * 2, [vqvae.SSIM_PAD] * 2, [0, 0]]
-    full = vqvae.ssim_map(*(vqvae.batch_as_channels(tf.pad(x, pad, mode="REFLECT"))
-                            for x in vqvae.scored_range(images, noisy, -0.5))).numpy()[0]
-    loss, score = vqvae.ssim_loss_and_score(images, noisy, -0.5, stride=2)
-    starts = np.arange(0, size, 2)
-    inside = starts[(starts >= vqvae.SSIM_PAD) & (starts <= size - 1 - vqvae.SSIM_PAD)]
-    np.testing.assert_allclose(float(loss), 1 - full[::2, ::2].mean(), atol=1e-6)
-    np.testing.assert_allclose(float(score), full[np.ix_(inside, inside)].mean(), atol=1e-5)
-    exact_loss, exact_score = vqvae.ssim_loss_and_score(images, noisy, -0.5)
-    assert float(loss) == pytest.approx(float(exact_loss), abs=0.01)
-    assert float(score) == pytest.approx(float(exact_score), abs=0.01)
-
-    model = vqvae.VQVAE(num_embeddings=4, latent_dim=2, filters=(4,), num_res_blocks=0, ssim_weight=0.5, ssim_stride=2)
-    assert vqvae.VQVAE.from_config(model.get_config()).ssim_stride == 2
-    even = tiny_images(3, size=48, seed=6)  # the model's one stride-2 stage needs an even size
-    reconstructions, *_, validation_ssim = model._step(tf.constant(even), training=False)
-    np.testing.assert_allclose(float(validation_ssim), vqvae.image_ssim(even, reconstructions, -0.5).numpy().mean(),
-                               rtol=1e-5)
-    with pytest.raises(ValueError, match="ssim_stride must be >= 1"):
-        vqvae.VQVAE(num_embeddings=4, latent_dim=2, filters=(4,), ssim_stride=0)
-
-
 def test_mean_ssim_equals_mean_of_per_image_ssim():
     rng = np.random.default_rng(0)
     images = rng.uniform(-0.5, 0.5, (5, 24, 20, 1)).astype(np.float32)
