@@ -142,7 +142,7 @@ def main():
     parser.add_argument("--clean-share", type=float, default=0.3, help="share of slices left without lesions")
     parser.add_argument("--draws", type=int, default=None, help="healed versions per slice (default: the command's)")
     parser.add_argument("--quantile", type=float, default=None, help="NLL threshold quantile (default: the command's)")
-    parser.add_argument("--batch-size", type=int, default=16, help="slices healed at once (the command's default)")
+    parser.add_argument("--batch-size", type=int, default=None, help="slices healed at once (default: the command's)")
     parser.add_argument("--seed", type=int, default=0, help="lesion and sampling seed")
     parser.add_argument("--figure", help="write a figure of a few slices here")
     parser.add_argument("--json", help="also write the results here")
@@ -180,10 +180,10 @@ def main():
     print(f"{len(images)} test slices, {lesioned.sum()} with lesions (lesion share of the head's pixels: "
           f"{masks[np.stack([head_mask(i) for i in images])].mean():.4f}); maps in {folder}/maps", flush=True)
 
-    options = {key: value for key, value in (("draws", args.draws), ("quantile", args.quantile)) if value is not None}
+    options = {key: value for key, value in (("draws", args.draws), ("quantile", args.quantile),
+                                             ("batch_size", args.batch_size)) if value is not None}
     start = time.time()
-    rows = anomaly.map_folder(args.run, folder, out=os.path.join(folder, "maps"), batch_size=args.batch_size,
-                              seed=args.seed, **options)
+    rows = anomaly.map_folder(args.run, folder, out=os.path.join(folder, "maps"), seed=args.seed, **options)
     seconds = (time.time() - start) / len(images)
     maps = np.stack([nibabel.load(os.path.join(folder, "maps", f"slice_{i:03d}_anomaly.nii.gz")).get_fdata()
                      for i in range(len(images))])
