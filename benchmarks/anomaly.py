@@ -1,9 +1,10 @@
 """Do the anomaly maps point at lesions? Synthetic lesions in real test slices.
 
-    python benchmarks/anomaly.py --run RUN --data ../shared/data/oasis_like [--slices 60]
+    python benchmarks/anomaly.py --run RUN --data ../shared/data/oasis_like [--slices 60] [--positions 0.4 1]
                                  [--draws 4] [--quantile 0.995] [--figure resources/anomaly_examples.png]
 
-Takes --slices slices spread over the test split of --data (subjects the run never saw),
+Takes --slices slices spread over the test split of --data (subjects the run never saw;
+with --positions, only those at these levels of their volume, e.g. the brain without the neck),
 inserts 1-3 lesions into most of them (bright and dark ellipses with soft edges, radius
 3-15 px at 256x256, of several contrasts, inside the head) and leaves --clean-share of
 them clean, writes them as PNG files, and runs `driver.py anomaly`'s method on them
@@ -140,6 +141,9 @@ def main():
     parser.add_argument("--data", required=True, help="data root whose test split gets the lesions")
     parser.add_argument("--slices", type=int, default=60, help="test slices used")
     parser.add_argument("--clean-share", type=float, default=0.3, help="share of slices left without lesions")
+    parser.add_argument("--positions", type=float, nargs=2, default=[0.0, 1.0], metavar=("LOW", "HIGH"),
+                        help="only test slices at these levels of their volume (from the slice numbers in the file "
+                             "names: 0 the first slice, 1 the last), e.g. 0.4 1 for the brain without the neck")
     parser.add_argument("--draws", type=int, default=None, help="healed versions per slice (default: the command's)")
     parser.add_argument("--quantile", type=float, default=None, help="NLL threshold quantile (default: the command's)")
     parser.add_argument("--batch-size", type=int, default=None, help="slices healed at once (default: the command's)")
@@ -160,6 +164,12 @@ def main():
     model = runs.load_model(args.run, "vqvae.keras")
     size = config["image_size"]
     test = data.find_source(args.data).files["test"]
+    if args.positions != [0.0, 1.0]:
+        positions = data.slice_positions(test)
+        test = [path for path in test if args.positions[0] <= positions.get(path, -1) <= args.positions[1]]
+        if not test:
+            raise SystemExit(f"--positions {args.positions[0]} {args.positions[1]}: no test slice there (slice numbers "
+                             f"are read from names such as case_001_slice_12.nii.png)")
     chosen = [test[i] for i in np.linspace(0, len(test) - 1, min(args.slices, len(test))).astype(int)]
     rng = np.random.default_rng(args.seed)
     images, clean, masks, lesioned = [], [], [], []

@@ -308,3 +308,7 @@ for round in 1 2; do
 done
 python driver.py --data "$DATA/oasis_like" --max-minutes 10 --pcnn-epochs 0 --out "$OUT-f32-10min"
 TF_SET_ONEDNN_FPMATH_MODE=BF16 python driver.py --data "$DATA/oasis_like" --max-minutes 10 --pcnn-epochs 0 --out "$OUT-bf16math-10min"
+
+# Issue 17 on brain slices only (README, "On brain slices the maps are above chance"; 2026-12-06, 23:12):
+python benchmarks/anomaly.py --run "$OUT-oasis-top-deep-whole" --data "$DATA/oasis_like" --slices 60 --positions 0.5 1 \
+    --figure resources/anomaly_examples_brain.png
