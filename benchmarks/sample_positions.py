@@ -50,9 +50,7 @@ def main():
         paths, known = list(positions), np.array(list(positions.values()))
         for position in args.positions:
             nearest = [paths[i] for i in np.argsort(np.abs(known - position), kind="stable")[: args.n]]
-            real[position] = np.stack([data.fit_to_size(data.decode_png(path) if data.is_png(path) else
-                                                        data.nifti_slices(path)[0][..., None],
-                                                        config["image_size"]).numpy() for path in nearest])
+            real[position] = np.stack([image for _, image in data.named_slices(nearest, config["image_size"])])
     rows, labels = [], []
     for position in args.positions:
         if args.data:
