@@ -25,6 +25,7 @@ import tensorflow as tf
 
 import cache
 import callbacks
+import cpu
 import data
 import evaluate
 import files
@@ -117,23 +118,12 @@ def compile_prior(network, config):
                     loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=config.jit)
 
 
-def native_bfloat16():
-    """The CPU flag that says this CPU multiplies bfloat16 in hardware (AMX or AVX512-BF16,
-    which oneDNN uses), or None (elsewhere bfloat16 is emulated, and slower than float32)."""
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            flags = next((line.split(":", 1)[1].split() for line in cpuinfo if line.startswith("flags")), [])
-    except OSError:  # not Linux
-        return None
-    return next((flag for flag in ("amx_bf16", "avx512_bf16") if flag in flags), None)
-
-
 def prior_precision(config):
     """'bfloat16' or 'float32': what the PixelCNNs compute in while they train
     (--pcnn-precision; 'auto' is bfloat16 on a CPU that multiplies it natively, without a GPU)."""
     if config.pcnn_precision != "auto":
         return config.pcnn_precision
-    return "bfloat16" if native_bfloat16() and not tf.config.list_physical_devices("GPU") else "float32"
+    return "bfloat16" if cpu.native_bfloat16() and not tf.config.list_physical_devices("GPU") else "float32"
 
 
 def prior_twin(network, config):
@@ -321,6 +311,14 @@ def fit_resumably(model, dataset, run_dir, name, history_file, epochs, monitor, 
         keras.callbacks.TerminateOnNaN(),
         keras.callbacks.BackupAndRestore(os.path.join(backup, name), double_checkpoint=True),
     ]
+    # One iterator for the whole fit. Given a dataset that ends, Keras makes a new iterator for
+    # each epoch, and deleting the last one waits for tf.data's autotuning thread to wake from
+    # its sleep: 8-16 s of idle CPU after every third or fourth epoch on 2 cores (README,
+    # "Idle between epochs"). Repeated, with each epoch's batches counted, one iterator lives
+    # through the whole fit; each epoch still reads every slice once, in a new order.
+    steps = None
+    if int(dataset.cardinality()) > 0:
+        dataset, steps = dataset.repeat(), int(dataset.cardinality())
     if not model.optimizer.built:
         # Its variables made now, not lazily inside the first traced training step: a
         # tf.function that creates variables is traced twice, which took half of each
@@ -329,7 +327,8 @@ def fit_resumably(model, dataset, run_dir, name, history_file, epochs, monitor, 
             model.optimizer.build(model.trainable_variables)
     try:
         fitted = model.fit(dataset, validation_data=validation_data, epochs=epochs, callbacks=every_callback,
-                           shuffle=False, verbose=1 if sys.stdout.isatty() else 2)  # the datasets shuffle themselves
+                           steps_per_epoch=steps, shuffle=False,  # the datasets shuffle themselves
+                           verbose=1 if sys.stdout.isatty() else 2)
     finally:
         if os.path.exists(partial):  # a save that failed (a full disk): the last good model stays
             os.remove(partial)
@@ -566,7 +565,7 @@ def train_prior(config, model, ordered, run_dir, strategy, positions=None):
               f"{depth} rows, and a deeper stack sees no more of it", flush=True)
     if prior_precision(config) == "bfloat16":
         print(f"the PixelCNNs train in bfloat16 with float32 weights (--pcnn-precision {config.pcnn_precision}; "
-              f"this CPU has {native_bfloat16() or 'no native bfloat16'})", flush=True)
+              f"this CPU has {cpu.native_bfloat16() or 'no native bfloat16'})", flush=True)
     start = time.time()
     if isinstance(prior, hierarchy.HierarchicalPrior):
         prior = fit_hierarchy(prior, config, model, codes, grids, run_dir, positions)

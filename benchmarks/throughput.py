@@ -9,7 +9,9 @@ Prints, all measured in this one process (so on the same machine, at the same mo
 2. FLOPs per image of one training step (forward, backward and the optimizer), counted by
    TensorFlow's profiler on the traced step's graph (not estimated), and of a forward pass;
 3. the machine's measured peak for the same kind of work: a large float32 `tf.matmul` and a
-   large 3x3 `tf.nn.conv2d` (the VQ-VAE is mostly 3x3 convolutions), best of several runs;
+   large 3x3 `tf.nn.conv2d` (the VQ-VAE is mostly 3x3 convolutions), best of several runs,
+   in the training step's math mode (plain float32 by default; `--set cpu_math=bfloat16` for
+   oneDNN's bfloat16 math mode, see cpu.py);
 4. the ratio: achieved FLOP/s (images/s x FLOPs per image) over each peak;
 5. where a step's time goes: each part of the step timed on its own (encoder, quantizer and
    decoder forward; forward and backward, and the loss's SSIM term within it; the optimizer
@@ -26,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+import cpu  # noqa: E402
 import driver  # noqa: E402
 import table  # noqa: E402
 import train  # noqa: E402
@@ -138,14 +141,17 @@ def main():
     import json
 
     changes = dict(item.split("=", 1) for item in args.set)
-    config = dataclasses.replace(driver.Config(), **{key: value if key == "norm" else json.loads(value)
+    config = dataclasses.replace(driver.Config(), **{key: value if key in ("norm", "cpu_math") else json.loads(value)
                                                     for key, value in changes.items()})
+    # Before the first convolution: TensorFlow reads the math mode when it builds its first oneDNN kernel.
+    math = cpu.use_cpu_math(config.cpu_math)
     model = train.build_vqvae(config)
     rng = np.random.default_rng(0)
     images = (rng.uniform(0, 1, (64, args.size, args.size, 1)) + config.shift).astype(np.float32)
     batch = tf.constant(images[: args.batch_size])
     print(f"VQ-VAE (K {config.K}, D {config.D}, filters {list(config.filters)}, {config.res_blocks} residual "
-          f"blocks, {changes or 'default settings'}) at {args.size}x{args.size}, batch {args.batch_size}; TensorFlow threads: intra "
+          f"blocks, {changes or 'default settings'}) at {args.size}x{args.size}, batch {args.batch_size}, "
+          f"convolutions and matrix products in {math}; TensorFlow threads: intra "
           f"{tf.config.threading.get_intra_op_parallelism_threads() or 'default'}, inter "
           f"{tf.config.threading.get_inter_op_parallelism_threads() or 'default'}; {os.cpu_count()} CPUs", flush=True)
 

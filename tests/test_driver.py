@@ -16,6 +16,7 @@ import pytest
 import tensorflow as tf
 from conftest import run_error
 
+import cpu
 import driver
 
 PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -106,6 +107,9 @@ def test_train_then_reconstruct(oasis_root, tmp_path):
     assert saved["test_slices"] == 8 and -1 <= saved["test_ssim_min"] <= saved["test_ssim_mean"] <= 1
     config = json.load(open(os.path.join(run, "config.json")))
     assert config["image_size"] == [32, 32] and config["layout"] == "oasis" and config["K"] == 8
+    # Called in a process that does other things (this test session), the run leaves the
+    # process-wide math mode alone and records what the process computes in.
+    assert config["cpu_math_used"] == cpu.current_math() and config["cpu_math"] == "float32"
     with open(os.path.join(run, "history.csv")) as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 2 and "val_ssim" in rows[0]
@@ -221,6 +225,7 @@ def test_group_norm_ssim_loss_and_weight_averaging_run_and_reload(oasis_root, tm
     assert "--norm must be 'batch', 'group' or 'none', got 'layer'" in run_error(["--norm", "layer"])
     assert "--pcnn-precision must be 'auto', 'float32' or 'bfloat16', got 'half'" in run_error(
         ["--pcnn-precision", "half"])
+    assert "--cpu-math must be 'float32' or 'bfloat16', got 'half'" in run_error(["--cpu-math", "half"])
 
 
 def test_multiworker_strategy_runs_as_a_single_worker(oasis_root, tmp_path):
@@ -228,10 +233,23 @@ def test_multiworker_strategy_runs_as_a_single_worker(oasis_root, tmp_path):
     run = str(tmp_path / "run")
     env = {key: value for key, value in os.environ.items() if key != "TF_CONFIG"}
     result = subprocess.run([sys.executable, "driver.py", "--data", oasis_root, "--out", run, "--epochs", "1",
-                             "--strategy", "multiworker", *TINY, "--pcnn-epochs", "0"],
+                             "--strategy", "multiworker", *TINY, "--pcnn-epochs", "0", "--cpu-math", "bfloat16"],
                             cwd=PROJECT, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.load(open(os.path.join(run, "metrics.json")))["test_slices"] == 8
+    # The command line's own process takes --cpu-math's math mode, and records it.
+    assert json.load(open(os.path.join(run, "config.json")))["cpu_math_used"] == "bfloat16"
+    assert "convolutions and matrix products multiply in bfloat16" in result.stdout
+
+
+def test_cpu_math_sets_the_math_mode_only_as_asked(monkeypatch):
+    monkeypatch.setenv(cpu.MATH_MODE, "")  # so that the session's own environment comes back after the test
+    monkeypatch.delenv(cpu.MATH_MODE)
+    assert cpu.use_cpu_math("float32") == "float32" and cpu.MATH_MODE not in os.environ
+    assert cpu.use_cpu_math("bfloat16") == "bfloat16" and os.environ[cpu.MATH_MODE] == "BF16"
+    assert cpu.use_cpu_math("float32") == "float32" and cpu.MATH_MODE not in os.environ  # the flag wins
+    with pytest.raises(ValueError, match="--cpu-math must be one of float32, bfloat16, got 'half'"):
+        cpu.use_cpu_math("half")
 
 
 def test_hierarchical_prior_run_samples_and_reloads(oasis_root, tmp_path, capsys):

@@ -207,6 +207,29 @@ def test_nan_loss_keeps_the_best_model(tmp_path, capsys):
     assert all(np.isfinite(w).all() for w in model.get_weights())
 
 
+def test_each_epoch_of_a_finite_dataset_is_one_pass_over_it(tmp_path, capsys):
+    """fit_resumably repeats a dataset of known size (one iterator for the whole fit, see its
+    comment) and counts each epoch as one pass over it: 10 slices in batches of 4 are 3 steps an
+    epoch, the last of 2 slices, and every slice is read in every epoch."""
+    images = np.random.default_rng(0).uniform(-0.5, 0.5, (10, 16, 16, 1)).astype(np.float32)
+    reads = []
+
+    def record(index):
+        reads.append(int(index))
+        return index
+
+    indices = tf.data.Dataset.range(10).map(lambda i: tf.ensure_shape(tf.py_function(record, [i], tf.int64), ()))
+    train = indices.map(lambda i: tf.gather(images, i)).batch(4)
+    splits = {"train": train, "validate": tf.data.Dataset.from_tensor_slices(images).batch(4)}
+    config = driver.Config(K=8, D=4, filters=[4, 8], res_blocks=1, epochs=3, grid_every=0, learning_rate=3e-3)
+    run = str(tmp_path / "run")
+    os.makedirs(run)
+    _, history, _ = stages.train_vqvae(config, splits, run, images[:4], tf.distribute.get_strategy())
+    log = capsys.readouterr().out
+    assert len(history["loss"]) == 3 and log.count("3/3 - ") == 3
+    assert sorted(reads[:30]) == sorted(list(range(10)) * 3)  # (reads past 30: the next pass, prefetched)
+
+
 # ---------------------------------------------------------------------------
 # --seed makes a run repeatable
 

@@ -371,15 +371,16 @@ def test_a_prior_trained_in_bfloat16_learns_and_reloads_as_float32(tmp_path):
 def test_prior_precision_is_bfloat16_by_default_only_where_the_cpu_has_it(monkeypatch):
     import types
 
+    import cpu
     import train
 
     config = types.SimpleNamespace(pcnn_precision="auto")
-    monkeypatch.setattr(train, "native_bfloat16", lambda: None)
+    monkeypatch.setattr(cpu, "native_bfloat16", lambda: None)
     assert train.prior_precision(config) == "float32"
-    monkeypatch.setattr(train, "native_bfloat16", lambda: "amx_bf16")
+    monkeypatch.setattr(cpu, "native_bfloat16", lambda: "amx_bf16")
     assert train.prior_precision(config) == "bfloat16"
     assert train.prior_precision(types.SimpleNamespace(pcnn_precision="float32")) == "float32"
-    monkeypatch.setattr(train, "native_bfloat16", lambda: None)
+    monkeypatch.setattr(cpu, "native_bfloat16", lambda: None)
     assert train.prior_precision(types.SimpleNamespace(pcnn_precision="bfloat16")) == "bfloat16"
 
 
