@@ -312,3 +312,28 @@ TF_SET_ONEDNN_FPMATH_MODE=BF16 python driver.py --data "$DATA/oasis_like" --max-
 # Issue 17 on brain slices only (README, "On brain slices the maps are above chance"; 2026-12-06, 23:12):
 python benchmarks/anomaly.py --run "$OUT-oasis-top-deep-whole" --data "$DATA/oasis_like" --slices 60 --positions 0.5 1 \
     --figure resources/anomaly_examples_brain.png
+
+# oneDNN's bfloat16 math mode at more seeds (README, "oneDNN's bfloat16 math mode"; 2026-12-06, 23:42 UTC, commit
+# 972c56b, which took TF_SET_ONEDNN_FPMATH_MODE=BF16 from the environment; --cpu-math bfloat16 sets the same):
+for pair in hipmri_like:0 oasis_like:1 hipmri_like:1; do
+    python driver.py --data "$DATA/${pair%%:*}" --max-minutes 10 --pcnn-epochs 0 --seed "${pair##*:}" \
+        --cpu-math bfloat16 --out "$OUT-bf16math-10min-${pair%%:*}-${pair##*:}"
+done
+# The cached sampler in float32 and in the math mode, against a full pass and the naive sampler (the same section).
+python benchmarks/sampling.py --run "$OUT-oasis-top-deep-whole" --grids 64
+python benchmarks/sampling.py --run "$OUT-oasis-top-deep-whole" --grids 64 --cpu-math bfloat16
+
+# Idle between epochs (README, "Idle between epochs"; 2026-12-07, 00:13 UTC): 7 epochs with a new iterator each
+# epoch (commit 972c56b, in its own worktree), then with one iterator for the fit (this version).
+BEFORE_ITERATOR=$(mktemp -d)
+git worktree add --detach "$BEFORE_ITERATOR" 972c56b
+(cd "$BEFORE_ITERATOR" && python driver.py --data "$DATA/oasis_like" --epochs 7 --pcnn-epochs 0 --out "$OUT-iterator-before")
+python driver.py --data "$DATA/oasis_like" --epochs 7 --pcnn-epochs 0 --out "$OUT-iterator-one"
+git worktree remove --force "$BEFORE_ITERATOR"
+# The 10-minute runs of this version, seeds 0-2 in both layouts, and their curves (2026-12-07, 00:40 UTC).
+for layout in oasis_like hipmri_like; do
+    for seed in 0 1 2; do
+        python driver.py --data "$DATA/$layout" --max-minutes 10 --pcnn-epochs 0 --seed $seed --out "$OUT-10min-$layout-$seed"
+    done
+    python benchmarks/stability.py --runs "$OUT-10min-$layout-0" "$OUT-10min-$layout-1" "$OUT-10min-$layout-2"
+done

@@ -3,6 +3,7 @@ that they agree.
 
     python benchmarks/sampling.py                  # driver.py's default prior, random weights
     python benchmarks/sampling.py --run RUN_DIR    # a trained run's pixelcnn.keras
+    python benchmarks/sampling.py --cpu-math bfloat16   # in oneDNN's bfloat16 math mode (cpu.py)
 
 The naive sampler runs the whole network over the grid for every position, compiled with
 tf.function (already faster than the keras.io example's `predict` per position). Its
@@ -26,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
+import cpu  # noqa: E402
 import driver  # noqa: E402
 import files  # noqa: E402
 import hierarchy  # noqa: E402
@@ -59,14 +61,17 @@ def main():
     parser.add_argument("--grids", type=int, nargs="+", default=[32, 64])
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--naive-rows", type=int, default=2, help="rows the naive sampler is timed on")
+    parser.add_argument("--cpu-math", default="float32", choices=cpu.CPU_MATHS,
+                        help="what convolutions and matrix products multiply in (driver.py --cpu-math)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
 
+    math = cpu.use_cpu_math(args.cpu_math)  # before the first convolution, when TensorFlow reads it
     prior = load_or_build(args)
     hierarchical = isinstance(prior, hierarchy.HierarchicalPrior)
     model = prior.bottom if hierarchical else prior
     print(f"{'hierarchical' if hierarchical else model.variant} prior, K={model.num_embeddings}, "
-          f"{prior.count_params():,} parameters, batch {args.batch_size}")
+          f"{prior.count_params():,} parameters, batch {args.batch_size}, convolutions in {math}")
     results = []
     for size in args.grids:
         sampler = hierarchy.sampler_for(prior, args.batch_size, size, size)
