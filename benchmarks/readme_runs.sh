@@ -319,6 +319,11 @@ for pair in hipmri_like:0 oasis_like:1 hipmri_like:1; do
     python driver.py --data "$DATA/${pair%%:*}" --max-minutes 10 --pcnn-epochs 0 --seed "${pair##*:}" \
         --cpu-math bfloat16 --out "$OUT-bf16math-10min-${pair%%:*}-${pair##*:}"
 done
+# The step through the flag, taking turns (2026-12-07, 01:44 UTC).
+for round in 1 2; do
+    python benchmarks/throughput.py --set cpu_math=float32
+    python benchmarks/throughput.py --set cpu_math=bfloat16
+done
 # The cached sampler in float32 and in the math mode, against a full pass and the naive sampler (the same section).
 python benchmarks/sampling.py --run "$OUT-oasis-top-deep-whole" --grids 64
 python benchmarks/sampling.py --run "$OUT-oasis-top-deep-whole" --grids 64 --cpu-math bfloat16
