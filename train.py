@@ -316,9 +316,11 @@ def fit_resumably(model, dataset, run_dir, name, history_file, epochs, monitor, 
     # its sleep: 8-16 s of idle CPU after every third or fourth epoch on 2 cores (README,
     # "Idle between epochs"). Repeated, with each epoch's batches counted, one iterator lives
     # through the whole fit; each epoch still reads every slice once, in a new order.
-    steps = None
-    if int(dataset.cardinality()) > 0:
-        dataset, steps = dataset.repeat(), int(dataset.cardinality())
+    steps = int(dataset.cardinality())
+    if steps > 0:
+        dataset = dataset.repeat()
+    else:  # unknown or infinite: Keras counts the steps itself
+        steps = None
     if not model.optimizer.built:
         # Its variables made now, not lazily inside the first traced training step: a
         # tf.function that creates variables is traced twice, which took half of each

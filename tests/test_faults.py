@@ -183,6 +183,16 @@ def test_flag_of_the_wrong_type_is_an_argparse_error():
 # A NaN loss stops training and keeps the best model
 
 
+def train_tiny_vqvae(train, images, run, epochs):
+    """(model, history) of a tiny VQ-VAE trained on the `train` dataset for `epochs`, validated
+    on `images` in batches of 4, in the new run folder `run` (the training stage alone)."""
+    splits = {"train": train, "validate": tf.data.Dataset.from_tensor_slices(images).batch(4)}
+    config = driver.Config(K=8, D=4, filters=[4, 8], res_blocks=1, epochs=epochs, grid_every=0, learning_rate=3e-3)
+    os.makedirs(run)
+    model, history, _ = stages.train_vqvae(config, splits, run, images[:4], tf.distribute.get_strategy())
+    return model, history
+
+
 def test_nan_loss_keeps_the_best_model(tmp_path, capsys):
     images = np.random.default_rng(0).uniform(-0.5, 0.5, (16, 16, 16, 1)).astype(np.float32)
     epochs_started = []
@@ -194,11 +204,8 @@ def test_nan_loss_keeps_the_best_model(tmp_path, capsys):
             yield batch if len(epochs_started) == 1 else batch * np.nan
 
     train = tf.data.Dataset.from_generator(batches, output_signature=tf.TensorSpec((None, 16, 16, 1), tf.float32))
-    splits = {"train": train, "validate": tf.data.Dataset.from_tensor_slices(images).batch(4)}
-    config = driver.Config(K=8, D=4, filters=[4, 8], res_blocks=1, epochs=5, grid_every=0, learning_rate=3e-3)
     run = str(tmp_path / "run")
-    os.makedirs(run)
-    model, history, _ = stages.train_vqvae(config, splits, run, images[:4], tf.distribute.get_strategy())
+    model, history = train_tiny_vqvae(train, images, run, epochs=5)
     log = capsys.readouterr().out
     assert "the training loss became NaN in epoch 2; training stopped, keeping the best model" in log
     assert len(history["loss"]) == 2 and np.isnan(history["loss"][1])
@@ -220,11 +227,7 @@ def test_each_epoch_of_a_finite_dataset_is_one_pass_over_it(tmp_path, capsys):
 
     indices = tf.data.Dataset.range(10).map(lambda i: tf.ensure_shape(tf.py_function(record, [i], tf.int64), ()))
     train = indices.map(lambda i: tf.gather(images, i)).batch(4)
-    splits = {"train": train, "validate": tf.data.Dataset.from_tensor_slices(images).batch(4)}
-    config = driver.Config(K=8, D=4, filters=[4, 8], res_blocks=1, epochs=3, grid_every=0, learning_rate=3e-3)
-    run = str(tmp_path / "run")
-    os.makedirs(run)
-    _, history, _ = stages.train_vqvae(config, splits, run, images[:4], tf.distribute.get_strategy())
+    _, history = train_tiny_vqvae(train, images, str(tmp_path / "run"), epochs=3)
     log = capsys.readouterr().out
     assert len(history["loss"]) == 3 and log.count("3/3 - ") == 3
     assert sorted(reads[:30]) == sorted(list(range(10)) * 3)  # (reads past 30: the next pass, prefetched)
