@@ -7,16 +7,21 @@ as in Pinaya et al. 2022 (Medical Image Analysis) and MONAI's generative tutoria
 1. encode the slice and score every code's likelihood under the prior in one parallel pass
    (the prior gives all conditional logits of a grid at once; for the hierarchical prior,
    each level's: the top grid's codes, then the codes given the top grid);
-2. mark the codes whose negative log-likelihood (NLL) is above a threshold: a high
-   quantile of the same figure over the healthy codes of the run's validation split
-   (`thresholds`), widened by a code so that a lesion is redrawn with room around it;
-3. "heal" the slice: redraw the marked codes from the prior, each given every code before
-   it (kept or redrawn), with the exact cached sampler (`pixelcnn.Sampler(fixed, keep)`),
+2. compare each code's negative log-likelihood (NLL) with what healthy codes score at the
+   same place of the grid: a z-score against the mean and spread of that position's NLL
+   over the run's validation split (`reference`); some places (the head's edge, the skull
+   base) are hard to predict in every slice, and a global threshold marks them first;
+3. "heal" the slice: redraw the codes whose z-score is above a high quantile of the
+   validation's, and their neighbours, from the prior, each given every code before it
+   (kept or redrawn), with the exact cached sampler (`pixelcnn.Sampler(fixed, keep)`),
    several times; top codes first, then every code of a block whose top code changed;
-4. decode each healed grid and average them;
-5. the map is the difference between the slice and its healed version, only where healing
-   changed codes, smoothed. A slice's score is the map's 99.9th percentile (what its
-   brightest small region reaches).
+   decode each healed grid and average them;
+4. the map. By default ("likelihood") the coarsest level's z-scores (the top grid's, for the
+   hierarchical prior), above zero, spread over the pixels each code stands for and
+   smoothed: on synthetic lesions it scores twice the healing map's precision
+   (`benchmarks/anomaly.py`, README). "healing" is Pinaya et al.'s map: the difference
+   between the slice and its healed version, only where healing changed codes, smoothed.
+   A slice's score is the map's 99.9th percentile (what its brightest small region reaches).
 
 `driver.py anomaly` runs this on a folder of files (`write_maps`); `benchmarks/anomaly.py`
 measures it against the reconstruction residual on slices with synthetic lesions.
@@ -31,8 +36,12 @@ from scipy import ndimage
 import hierarchy
 
 DRAWS = 4  # healed versions averaged per slice
-QUANTILE = 0.995  # of the validation split's per-code NLL: codes above it (and their neighbours) are redrawn
-SMOOTHING = 2.0  # Gaussian sigma of the map, in pixels
+QUANTILE = 0.995  # of the validation split's per-code z-scores: codes above it (and their neighbours) are redrawn
+SPREAD_FLOOR = 0.1  # nats added to each grid position's NLL spread, so that a position healthy codes always
+# predict perfectly (the background) does not turn a tiny difference into a huge z-score
+MAPS = ("likelihood", "healing")  # what `anomaly_maps` returns as the map; the first is the default
+SMOOTHING = 2.0  # Gaussian sigma of the healing map, in pixels; the likelihood map's is a quarter of a code's block
+FOREGROUND = 0.1  # a slice's head: pixels above this (of [0, 1]), holes filled; maps are zero outside it
 SCORE_PERCENTILE = 99.9  # a slice's score: this percentile of its map
 SUFFIXES = (".nii.gz", ".nii", ".png", ".jpg", ".jpeg", ".bmp")  # taken off file names for output names
 
@@ -53,15 +62,30 @@ def level_nll(prior, codes):
     return {"bottom": prior.code_nll(codes).numpy()}
 
 
-def thresholds(prior, grids, quantile=QUANTILE, batch_size=32):
-    """{level: NLL threshold}: the `quantile` of each level's per-code NLL over healthy
-    (N, h, w) code grids (the run's validation split)."""
+def reference(prior, grids, quantile=QUANTILE, batch_size=32):
+    """How healthy (N, h, w) code grids (the run's validation split) score under the prior:
+    {level: {"mean", "spread": each grid position's NLL mean and standard deviation (plus
+    SPREAD_FLOOR), "limit": the `quantile` of the z-scores (NLL - mean) / spread}}."""
     values = {}
     for start in range(0, len(grids), batch_size):
         for level, nll in level_nll(prior, tf.constant(grids[start: start + batch_size])).items():
             if not level.endswith("_codes"):
-                values.setdefault(level, []).append(nll.ravel())
-    return {level: float(np.quantile(np.concatenate(parts), quantile)) for level, parts in values.items()}
+                values.setdefault(level, []).append(nll)
+    found = {}
+    for level, parts in values.items():
+        nll = np.concatenate(parts)
+        mean, spread = nll.mean(axis=0), nll.std(axis=0) + SPREAD_FLOOR
+        found[level] = {"mean": mean, "spread": spread, "limit": float(np.quantile((nll - mean) / spread, quantile))}
+    return found
+
+
+def level_z(prior, codes, healthy):
+    """`level_nll` of (B, h, w) codes with each level's NLL as z-scores against `healthy`
+    (`reference`): how much less likely each code is than healthy codes at its place."""
+    found = level_nll(prior, codes)
+    for level, stats in healthy.items():
+        found[level] = (found[level] - stats["mean"]) / stats["spread"]
+    return found
 
 
 # ---------------------------------------------------------------------------
@@ -83,22 +107,22 @@ class Healer:
         self.hierarchical = isinstance(prior, hierarchy.HierarchicalPrior)
         self.sampler = hierarchy.sampler_for(prior, batch_size, height, width)
 
-    def heal(self, codes, limits, seed=0):
+    def heal(self, codes, healthy, seed=0):
         """(healed codes, marked codes): the (B, h, w) codes with the codes `mark` picks by
-        their NLL and their level's limit in `limits` redrawn (and, for a hierarchical
-        prior, level by level from the top: also every code of a block whose code in the
-        level above was redrawn and came out different), and the bool mask of the codes
-        that were allowed to change."""
-        nll = level_nll(self.prior, tf.constant(codes))
+        their z-score and their level's limit in `healthy` (`reference`) redrawn (and, for a
+        hierarchical prior, level by level from the top: also every code of a block whose
+        code in the level above was redrawn and came out different), and the bool mask of
+        the codes that were allowed to change."""
+        nll = level_z(self.prior, tf.constant(codes), healthy)
         if not self.hierarchical:
-            marked = mark(nll["bottom"], limits["bottom"])
+            marked = mark(nll["bottom"], healthy["bottom"]["limit"])
             return self.sampler.sample(1.0, seed, fixed=codes, keep=~marked).numpy(), marked
         condition = np.zeros((len(codes), 1, 1), np.int32) if self.prior.position_bins else None  # position unknown
         names, factors = self.prior.names, self.prior.factors
         before = healed = None
         for index, (name, sampler) in enumerate(zip(names, self.sampler.samplers)):
             grid = codes if name == "bottom" else nll[f"{name}_codes"]
-            marked = mark(nll[name], limits[name])
+            marked = mark(nll[name], healthy[name]["limit"])
             if index:
                 ratio = factors[index - 1] // factors[index]
                 marked |= self.prior.upsample(tf.constant(healed != before), *grid.shape[1:], ratio).numpy()
@@ -108,27 +132,50 @@ class Healer:
         return healed, marked
 
 
-def anomaly_maps(model, healer, images, limits, draws=DRAWS, seed=0):
-    """Anomaly maps of (B, H, W, 1) slices in [0, 1] (B * draws = the healer's batch):
-    a dict of "maps" (B, H, W), "healed" (B, H, W) slices, "scores" (B,), per-code "nll"
-    (B, h, w) and the share of codes "marked" (B,)."""
+def anomaly_maps(model, healer, images, healthy, draws=DRAWS, seed=0, kind=MAPS[0]):
+    """Anomaly maps of (B, H, W, 1) slices in [0, 1] (B * draws = the healer's batch),
+    against healthy codes' `reference`: a dict of "maps" (B, H, W) of `kind` (one of MAPS),
+    "healed" (B, H, W) slices, "scores" (B,), per-code "nll" (B, h, w) and the share of
+    codes "marked" (B,)."""
     batch = len(images)
     codes = model.encode(images + model.shift).numpy()
     repeated = np.repeat(codes, draws, axis=0)
-    healed_codes, marked = healer.heal(repeated, limits, seed)
+    healed_codes, marked = healer.heal(repeated, healthy, seed)
     decoded = model.decode_images(healed_codes)[..., 0]
     healed = decoded.reshape(batch, draws, *decoded.shape[1:]).mean(axis=1)
-    changed = (healed_codes != repeated).reshape(batch, draws, *codes.shape[1:]).any(axis=1)
-    scale = model.downsampling
-    region = np.repeat(np.repeat(changed, scale, axis=1), scale, axis=2)
-    # A code's decoded pixels spill over its neighbours: widen the region by one code.
-    region = ndimage.binary_dilation(region, np.ones((1, 2 * scale + 1, 2 * scale + 1), bool))
-    difference = np.abs(images[..., 0] - healed) * region
-    maps = ndimage.gaussian_filter(difference, (0, SMOOTHING, SMOOTHING))
+    if kind == "healing":
+        changed = (healed_codes != repeated).reshape(batch, draws, *codes.shape[1:]).any(axis=1)
+        scale = model.downsampling
+        region = np.repeat(np.repeat(changed, scale, axis=1), scale, axis=2)
+        # A code's decoded pixels spill over its neighbours: widen the region by one code.
+        region = ndimage.binary_dilation(region, np.ones((1, 2 * scale + 1, 2 * scale + 1), bool))
+        maps = ndimage.gaussian_filter(np.abs(images[..., 0] - healed) * region, (0, SMOOTHING, SMOOTHING))
+    else:
+        maps, block = coarse_z_map(model, healer.prior, codes, healthy, images.shape[1:3])
+        maps = ndimage.gaussian_filter(maps, (0, block / 4, block / 4))
+    maps *= head(images[..., 0], model.downsampling)
     nll = healer.prior.code_nll(tf.constant(codes)).numpy()
     return {"maps": maps.astype(np.float32), "healed": healed, "nll": nll,
             "scores": np.percentile(maps.reshape(batch, -1), SCORE_PERCENTILE, axis=1),
             "marked": marked.reshape(batch, draws, *codes.shape[1:])[:, 0].mean(axis=(1, 2))}
+
+
+def coarse_z_map(model, prior, codes, healthy, size):
+    """The coarsest level's z-scores of (B, h, w) codes, above zero, each spread over the
+    pixels its code stands for: a (B, H, W) map at the slices' `size`, and the side in
+    pixels of a code's block."""
+    hierarchical = isinstance(prior, hierarchy.HierarchicalPrior)
+    level = prior.names[0] if hierarchical else "bottom"
+    z = np.maximum(level_z(prior, tf.constant(codes), healthy)[level], 0)
+    scale = model.downsampling * (prior.factors[0] if hierarchical else 1)  # pixels per code along a side
+    return np.repeat(np.repeat(z, scale, axis=1), scale, axis=2)[:, : size[0], : size[1]].astype(np.float32), scale
+
+
+def head(images, margin):
+    """(B, H, W) bool: each slice's head (pixels above FOREGROUND, holes filled), widened by
+    `margin` pixels so that a lesion at its edge keeps its whole map."""
+    inside = np.stack([ndimage.binary_fill_holes(image > FOREGROUND) for image in images])
+    return ndimage.binary_dilation(inside, np.ones((1, 2 * margin + 1, 2 * margin + 1), bool))
 
 
 # ---------------------------------------------------------------------------
@@ -185,8 +232,9 @@ def readable_files(paths, run_config):
         yield path, slices, layout
 
 
-def write_maps(model, prior, paths, run_config, out, limits, draws=DRAWS, batch_size=16, seed=0):
-    """Anomaly maps of every slice of the files at `paths`, written to OUT per file:
+def write_maps(model, prior, paths, run_config, out, healthy, draws=DRAWS, batch_size=16, seed=0, kind=MAPS[0]):
+    """Anomaly maps (`kind`, against healthy codes' `reference`) of every slice of the
+    files at `paths`, written to OUT per file:
     `<stem>_anomaly.nii.gz` (float32, at the file's own height and width, in its own space
     for NIfTI; a volume gives a volume), `<stem>_anomaly.png` (slice, healed slice and map;
     a volume's highest-scoring slice), `<stem>_code_nll.npy` (per-code NLL in nats), and
@@ -210,7 +258,7 @@ def write_maps(model, prior, paths, run_config, out, limits, draws=DRAWS, batch_
         batch, queue[:] = queue[:count], queue[count:]
         chunk = [data.fit_to_size(image[..., None], size).numpy() for _, image in batch]
         images = np.stack(chunk + [np.zeros_like(chunk[0])] * (batch_size - len(chunk)))
-        found = anomaly_maps(model, healer, images, limits, draws, seed)
+        found = anomaly_maps(model, healer, images, healthy, draws, seed, kind)
         for i, (entry, _) in enumerate(batch):
             entry["results"].append({key: value[i] for key, value in found.items()})
         while waiting and len(waiting[0]["results"]) == len(waiting[0]["slices"]):
@@ -256,37 +304,43 @@ def write_file(entry, size, out, cmap):
     return os.path.basename(entry["path"]), max(scores)
 
 
-def run_thresholds(run_dir, prior, quantile=QUANTILE):
-    """{level: NLL threshold} of a run's prior at `quantile`, from the validation split's
-    code grids in RUN/codes.npz; kept in RUN/anomaly_thresholds.json, computed once per
-    quantile."""
+def run_reference(run_dir, prior, quantile=QUANTILE):
+    """`reference` of a run's prior from the validation split's code grids in RUN/codes.npz,
+    kept in RUN/anomaly_reference.npz (computed again for another quantile)."""
     import files
     from data import DataError
 
-    path = os.path.join(run_dir, "anomaly_thresholds.json")
-    saved = files.read_json(path) if os.path.exists(path) else {}
-    key = f"{quantile:g}"
-    if key not in saved:
-        codes_path = os.path.join(run_dir, "codes.npz")
-        if not os.path.exists(codes_path):
-            raise DataError(f"--run {run_dir}: no codes.npz, whose validation code grids set the thresholds")
-        print(f"thresholds: the {quantile:g} quantile of each code's NLL over the validation split", flush=True)
-        saved[key] = thresholds(prior, np.load(codes_path)["validate"], quantile)
-        files.write_json(path, saved)
-    return saved[key]
+    path = os.path.join(run_dir, "anomaly_reference.npz")
+    if os.path.exists(path):
+        with np.load(path) as saved:
+            if float(saved["quantile"]) == quantile:
+                levels = [key[: -len("_limit")] for key in saved.files if key.endswith("_limit")]
+                return {level: {"mean": saved[f"{level}_mean"], "spread": saved[f"{level}_spread"],
+                                "limit": float(saved[f"{level}_limit"])} for level in levels}
+    codes_path = os.path.join(run_dir, "codes.npz")
+    if not os.path.exists(codes_path):
+        raise DataError(f"--run {run_dir}: no codes.npz, whose validation code grids say how healthy codes score")
+    print(f"healthy reference: each code position's NLL over the validation split, and the {quantile:g} quantile "
+          f"of the z-scores", flush=True)
+    with np.load(codes_path) as codes:
+        healthy = reference(prior, codes["validate"], quantile)
+    arrays = {f"{level}_{key}": value for level, stats in healthy.items() for key, value in stats.items()}
+    files.atomic_write(path, lambda temporary: np.savez(temporary, quantile=quantile, **arrays))
+    return healthy
 
 
-def map_folder(run_dir, folder, split="test", out=None, draws=DRAWS, quantile=QUANTILE, batch_size=16, seed=0):
-    """`driver.py anomaly`: the maps of every file in `folder` (its `split` folder, if it
-    has split folders) from a run's models, in `out` (default RUN/anomaly-<folder name>)."""
+def map_folder(run_dir, folder, split="test", out=None, draws=DRAWS, quantile=QUANTILE, batch_size=16, seed=0,
+               kind=MAPS[0]):
+    """`driver.py anomaly`: the `kind` maps of every file in `folder` (its `split` folder, if
+    it has split folders) from a run's models, in `out` (default RUN/anomaly-<folder name>)."""
     import runs
 
     config = runs.load_config(run_dir)
     model, prior = (runs.load_model(run_dir, name) for name in ("vqvae.keras", "pixelcnn.keras"))
     folder, paths = runs.input_files(folder, split)
     out = out or os.path.join(run_dir, f"anomaly-{os.path.basename(os.path.normpath(folder))}")
-    limits = run_thresholds(run_dir, prior, quantile)
-    print(f"anomaly maps of {len(paths)} files from {folder}: {draws} healed versions each", flush=True)
-    rows = write_maps(model, prior, paths, config, out, limits, draws, batch_size, seed)
+    healthy = run_reference(run_dir, prior, quantile)
+    print(f"{kind} anomaly maps of {len(paths)} files from {folder}: {draws} healed versions each", flush=True)
+    rows = write_maps(model, prior, paths, config, out, healthy, draws, batch_size, seed, kind)
     print(f"wrote the maps of {len(rows)} files and scores.csv to {out}", flush=True)
     return rows

@@ -179,14 +179,17 @@ EVALUATE = ("evaluate", "Score a trained run on the whole test split (SSIM, PSNR
                 ("--samples", int, 160, "slices to sample and compare with real ones (150+ for the C2ST); 0 = skip"),
                 ("--temperature", float, 1.0, "sampling temperature"), ("--seed", int, 0, "sampling seed"),
                 ("--batch-size", int, 16, "slices per batch")])
-ANOMALY = ("anomaly", "Anomaly maps of every slice in a folder, from a run trained on healthy brains: the codes its "
-           "prior finds unlikely are redrawn ('healed'), and the map is where the healed slice differs.",
+ANOMALY = ("anomaly", "Anomaly maps of every slice in a folder, from a run trained on healthy brains: how much less "
+           "likely its prior finds each code than healthy codes at the same place, and the slice 'healed' (its unlikely "
+           "codes redrawn).",
            "run folder holding vqvae.keras and pixelcnn.keras", [
                ("--data", str, None, "folder of PNG or NIfTI files, or a root with split folders (see --split)"),
                ("--split", str, "test", "split to use when --data has split folders"),
                ("--out", str, None, "output folder (default: RUN/anomaly-<folder name>)"),
                ("--draws", int, 4, "healed versions averaged per slice"),
-               ("--quantile", float, 0.995, "redraw the codes whose NLL is above this quantile of the validation's"),
+               ("--map", str, "likelihood", "likelihood (the top level's z-scores) or healing (|slice - healed slice| "
+                                             "where healing changed codes)"),
+               ("--quantile", float, 0.995, "redraw the codes whose z-score is above this quantile of the validation's"),
                ("--batch-size", int, 16, "slices healed at once (from one file or several)"),
                ("--seed", int, 0, "random seed")])
 
@@ -210,6 +213,9 @@ CHOICES = dict(codebook_init=("kmeans", "uniform"), norm=("batch", "group", "non
                pcnn_variant=("plain", "gated", "hierarchical"), pcnn_precision=("auto", "float32", "bfloat16"),
                cpu_math=cpu.CPU_MATHS, pcnn_slip_levels=("bottom", "middle", "both"),
                strategy=("default", "mirrored", "multiworker"))
+
+
+ANOMALY_MAPS = ("likelihood", "healing")  # anomaly.MAPS, named here so that checking the flag needs no TensorFlow
 
 
 def flag(name):
@@ -325,12 +331,12 @@ def sample(args):
 
 
 def anomaly(args):
-    check(args, dict(draws=1, batch_size=1))
+    check(args, dict(draws=1, batch_size=1), choices=dict(map=ANOMALY_MAPS))
     require([(args.data, "--data is required: the folder of slices to map"),
              (0 < args.quantile < 1, f"--quantile must be between 0 and 1, got {args.quantile}")])
     import anomaly as maps
     return maps.map_folder(args.run, args.data, args.split, args.out, args.draws, args.quantile, args.batch_size,
-                           args.seed)
+                           args.seed, args.map)
 
 
 def evaluate_command(args):

@@ -8,8 +8,8 @@ with --positions, only those at these levels of their volume, e.g. the brain wit
 inserts 1-3 lesions into most of them (bright and dark ellipses with soft edges, radius
 3-15 px at 256x256, of several contrasts, inside the head) and leaves --clean-share of
 them clean, writes them as PNG files, and runs `driver.py anomaly`'s method on them
-(`anomaly.map_folder`, thresholds from the run's validation split). Against the lesion
-masks it reports, for the prior-based maps and for the reconstruction residual
+(`anomaly.map_folder`, each of its maps, against the run's validation split). Against the
+lesion masks it reports, for the prior-based maps and for the reconstruction residual
 |slice - reconstruction| (smoothed alike):
 
 * pixel-level AUPRC inside the head (average precision; the lesion share is chance);
@@ -188,16 +188,19 @@ def main():
     images, masks, lesioned = np.stack(images), np.stack(masks), np.array(lesioned)
     images = np.round(images * 255) / 255  # as written
     print(f"{len(images)} test slices, {lesioned.sum()} with lesions (lesion share of the head's pixels: "
-          f"{masks[np.stack([head_mask(i) for i in images])].mean():.4f}); maps in {folder}/maps", flush=True)
+          f"{masks[np.stack([head_mask(i) for i in images])].mean():.4f}); maps in {folder}/maps-*", flush=True)
 
     options = {key: value for key, value in (("draws", args.draws), ("quantile", args.quantile),
                                              ("batch_size", args.batch_size)) if value is not None}
-    start = time.time()
-    rows = anomaly.map_folder(args.run, folder, out=os.path.join(folder, "maps"), seed=args.seed, **options)
-    seconds = (time.time() - start) / len(images)
-    maps = np.stack([nibabel.load(os.path.join(folder, "maps", f"slice_{i:03d}_anomaly.nii.gz")).get_fdata()
-                     for i in range(len(images))])
-    prior_scores = [score for _, score in rows]
+    maps, prior_scores, seconds = {}, {}, {}
+    for kind in anomaly.MAPS:
+        start = time.time()
+        out = os.path.join(folder, f"maps-{kind}")
+        rows = anomaly.map_folder(args.run, folder, out=out, seed=args.seed, kind=kind, **options)
+        seconds[kind] = (time.time() - start) / len(images)
+        maps[kind] = np.stack([nibabel.load(os.path.join(out, f"slice_{i:03d}_anomaly.nii.gz")).get_fdata()
+                               for i in range(len(images))])
+        prior_scores[kind] = [score for _, score in rows]
 
     start = time.time()
     residuals = []
@@ -210,24 +213,27 @@ def main():
     residual_scores = np.percentile(residuals.reshape(len(images), -1), anomaly.SCORE_PERCENTILE, axis=1)
 
     code_likelihoods(model, runs.load_model(args.run, "pixelcnn.keras"), images, np.stack(clean), masks)
-    results = {"prior (healing)": {**scores_of(maps, images, masks, prior_scores, lesioned), "seconds": seconds},
-               "reconstruction residual": {**scores_of(residuals, images, masks, residual_scores, lesioned),
-                                           "seconds": residual_seconds}}
-    table.print_table([("map", 24, "{}"), ("pixel AUPRC", 11, "{:.3f}"), ("lesion share", 12, "{:.4f}"),
+    names = {"likelihood": "prior likelihood (default)", "healing": "prior healing"}
+    results = {names[kind]: {**scores_of(maps[kind], images, masks, prior_scores[kind], lesioned),
+                             "seconds": seconds[kind]} for kind in anomaly.MAPS}
+    results["reconstruction residual"] = {**scores_of(residuals, images, masks, residual_scores, lesioned),
+                                          "seconds": residual_seconds}
+    table.print_table([("map", 26, "{}"), ("pixel AUPRC", 11, "{:.3f}"), ("lesion share", 12, "{:.4f}"),
                        ("best Dice", 9, "{:.3f}"), ("slice AUROC", 11, "{:.3f}"), ("s/slice", 7, "{:.2f}")],
                       [[name, r["auprc"], r["lesion_share"], r["best_dice"], r["slice_auroc"], r["seconds"]]
                        for name, r in results.items()])
     if args.figure:
         shown = [i for i in np.argsort(-masks.sum(axis=(1, 2))) if lesioned[i]][:3] + list(np.where(~lesioned)[0][:1])
         prior = runs.load_model(args.run, "pixelcnn.keras")
-        limits = anomaly.run_thresholds(args.run, prior, args.quantile or anomaly.QUANTILE)
+        healthy = anomaly.run_reference(args.run, prior, args.quantile or anomaly.QUANTILE)
         draws = args.draws or anomaly.DRAWS
         healer = anomaly.Healer(prior, len(shown) * draws, size[0] // model.downsampling, size[1] // model.downsampling)
-        healed = anomaly.anomaly_maps(model, healer, images[shown, ..., None], limits, draws, args.seed)["healed"]
-        figure_rows = [[images[i], healed[k], maps[i], residuals[i], masks[i].astype(float)] for k, i in enumerate(shown)]
-        plots.anomaly_figure(figure_rows, args.figure, titles=("slice (lesions added)", "healed", "anomaly map (prior)",
-                                                               "residual |slice - reconstruction|", "lesions"),
-                             cmap=config.get("cmap", "gray"))
+        healed = anomaly.anomaly_maps(model, healer, images[shown, ..., None], healthy, draws, args.seed)["healed"]
+        figure_rows = [[images[i], healed[k], maps["likelihood"][i], maps["healing"][i], residuals[i],
+                        masks[i].astype(float)] for k, i in enumerate(shown)]
+        plots.anomaly_figure(figure_rows, args.figure, titles=(
+            "slice (lesions added)", "healed", "likelihood map (default)", "healing map",
+            "residual |slice - reconstruction|", "lesions"), cmap=config.get("cmap", "gray"))
         print(f"wrote {args.figure}")
     table.save(args.json, {"run": args.run, "slices": len(images), "lesion_slices": int(lesioned.sum()),
                            "results": results, **options})

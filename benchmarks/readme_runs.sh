@@ -342,3 +342,19 @@ for layout in oasis_like hipmri_like; do
     done
     python benchmarks/stability.py --runs "$OUT-10min-$layout-0" "$OUT-10min-$layout-1" "$OUT-10min-$layout-2"
 done
+
+# Real training throughput against the commit before issue 15 (README, "Throughput"; 2026-12-07, 02:25 UTC):
+# 6 epochs each, taking turns, twice; the figure is metrics.json's vqvae_train_seconds.
+BEFORE_ISSUE=$(mktemp -d)
+git worktree add --detach "$BEFORE_ISSUE" 55e362a
+for round in 1 2; do
+    (cd "$BEFORE_ISSUE" && python driver.py --data "$DATA/oasis_like" --epochs 6 --pcnn-epochs 0 --out "$OUT-before-issue15-$round")
+    python driver.py --data "$DATA/oasis_like" --epochs 6 --pcnn-epochs 0 --out "$OUT-training-rate-$round"
+done
+git worktree remove --force "$BEFORE_ISSUE"
+
+# Issue 17: the likelihood map (the default) and the healing map, whole volumes and brain slices (2026-12-07, 03:02 UTC).
+python benchmarks/anomaly.py --run "$OUT-oasis-top-deep-whole" --data "$DATA/oasis_like" --slices 60 \
+    --figure resources/anomaly_examples.png
+python benchmarks/anomaly.py --run "$OUT-oasis-top-deep-whole" --data "$DATA/oasis_like" --slices 60 --positions 0.5 1 \
+    --figure resources/anomaly_examples_brain.png

@@ -34,8 +34,9 @@ def test_healer_redraws_only_the_unlikely_codes():
     prior = confident_prior()
     codes = np.zeros((2, 6, 6), np.int32)
     codes[0, 2:4, 3:5] = 3  # a "lesion" in the first grid; the second is healthy
-    limits = anomaly.thresholds(prior, np.zeros((8, 6, 6), np.int32), quantile=0.99)
-    healed, marked = anomaly.Healer(prior, 2, 6, 6).heal(codes, {"bottom": limits["bottom"] + 0.5})
+    healthy = anomaly.reference(prior, np.zeros((8, 6, 6), np.int32), quantile=0.99)
+    healthy["bottom"]["limit"] += 0.5
+    healed, marked = anomaly.Healer(prior, 2, 6, 6).heal(codes, healthy)
     assert marked[0, 2:4, 3:5].all() and not marked[1].any()
     np.testing.assert_array_equal(healed[1], 0)
     np.testing.assert_array_equal(healed[0], 0)  # the prior redraws the lesion's codes as healthy ones
@@ -99,8 +100,9 @@ def test_anomaly_command_writes_maps_at_each_inputs_size(tmp_path):
     with open(os.path.join(out, "scores.csv")) as f:
         scores = list(csv.DictReader(f))
     assert [row["file"] for row in scores] == [name for name, _ in rows] and all(float(r["score"]) >= 0 for r in scores)
-    thresholds = json.load(open(os.path.join(run, "anomaly_thresholds.json")))
-    assert set(thresholds["0.995"]) == {"top", "bottom"}
+    with np.load(os.path.join(run, "anomaly_reference.npz")) as saved:
+        assert float(saved["quantile"]) == 0.995
+        assert saved["top_mean"].shape == (4, 4) and saved["bottom_spread"].shape == (8, 8)
     assert not [name for name in os.listdir(out) if name.startswith(".tmp-")]
 
 
@@ -136,16 +138,71 @@ def test_anomaly_command_errors(tmp_path):
     assert "no pixelcnn.keras" in run_error(["anomaly", "--run", run, "--data", str(tmp_path / "new")])
     assert "--quantile must be between 0 and 1" in run_error(["anomaly", "--run", run, "--data", str(tmp_path),
                                                                 "--quantile", "1.5"])
+    assert "--map must be 'likelihood' or 'healing', got 'residual'" in run_error(
+        ["anomaly", "--run", run, "--data", str(tmp_path), "--map", "residual"])
 
 
-def test_thresholds_are_quantiles_of_each_level():
+def test_maps_are_zero_outside_the_head():
+    images = np.zeros((1, 32, 32), np.float32)
+    images[0, 8:24, 8:24] = 0.5
+    images[0, 12:16, 12:16] = 0.0  # a dark hole inside the head is still the head
+    inside = anomaly.head(images, 2)
+    assert inside[0, 6:26, 6:26].all() and inside.sum() == 20 * 20
+
+
+def test_the_drivers_map_choices_are_anomalys():
+    assert driver.ANOMALY_MAPS == anomaly.MAPS
+
+
+def test_reference_scores_each_code_against_healthy_codes_at_its_place():
     prior = hierarchy.HierarchicalPrior(6, 3, top_embeddings=4, factor=2, top=dict(filters=4, num_layers=1),
                                         bottom=dict(filters=4, num_layers=1))
     grids = np.random.default_rng(1).integers(0, 6, (10, 4, 4)).astype(np.int32)
-    limits = anomaly.thresholds(prior, grids, quantile=0.5)
+    healthy = anomaly.reference(prior, grids, quantile=0.5)
     _, (top_nll, bottom_nll) = prior.level_nll(tf.constant(grids))
-    assert limits["top"] == pytest.approx(np.median(top_nll.numpy()), rel=1e-5)
-    assert limits["bottom"] == pytest.approx(np.median(bottom_nll.numpy()), rel=1e-5)
+    for level, nll in (("top", top_nll.numpy()), ("bottom", bottom_nll.numpy())):
+        stats = healthy[level]
+        np.testing.assert_allclose(stats["mean"], nll.mean(axis=0), rtol=1e-5)
+        np.testing.assert_allclose(stats["spread"], nll.std(axis=0) + anomaly.SPREAD_FLOOR, rtol=1e-5)
+        z = (nll - stats["mean"]) / stats["spread"]
+        assert stats["limit"] == pytest.approx(np.median(z), rel=1e-4, abs=1e-6)
+        np.testing.assert_allclose(anomaly.level_z(prior, tf.constant(grids), healthy)[level], z, rtol=1e-4, atol=1e-5)
+
+
+def test_run_reference_is_kept_and_made_again_for_another_quantile(tmp_path):
+    run = tiny_run(str(tmp_path / "run"))
+    prior = keras.models.load_model(os.path.join(run, "pixelcnn.keras"))
+    first = anomaly.run_reference(run, prior, 0.9)
+    again = anomaly.run_reference(run, prior, 0.9)
+    for level in ("top", "bottom"):
+        np.testing.assert_array_equal(again[level]["mean"], first[level]["mean"])
+        assert again[level]["limit"] == first[level]["limit"]
+    higher = anomaly.run_reference(run, prior, 0.99)
+    assert higher["bottom"]["limit"] > first["bottom"]["limit"]
+    with np.load(os.path.join(run, "anomaly_reference.npz")) as saved:
+        assert float(saved["quantile"]) == 0.99
+    os.remove(os.path.join(run, "anomaly_reference.npz"))
+    os.remove(os.path.join(run, "codes.npz"))
+    with pytest.raises(data.DataError, match="no codes.npz"):
+        anomaly.run_reference(run, prior, 0.9)
+
+
+def test_the_likelihood_map_spreads_the_top_levels_excess_over_its_pixels():
+    """The default map is the coarsest level's z-scores above zero, each over the pixels
+    its code stands for (before smoothing): here 8 pixels per top code (downsampling 4 x factor 2)."""
+    keras.utils.set_random_seed(0)
+    model = vqvae.VQVAE(num_embeddings=8, latent_dim=4, filters=(4, 8), num_res_blocks=1)
+    prior = hierarchy.HierarchicalPrior(8, 4, top_embeddings=4, factor=2, top=dict(filters=8, num_layers=2),
+                                        bottom=dict(filters=8, num_layers=2))
+    grids = np.random.default_rng(0).integers(0, 8, (12, 8, 8)).astype(np.int32)
+    prior.fit_codebooks(model.quantizer.codebook.numpy(), grids)
+    healthy = anomaly.reference(prior, grids, quantile=0.9)
+    codes = grids[:2]
+    found, block = anomaly.coarse_z_map(model, prior, codes, healthy, (32, 30))
+    assert block == 8 and found.shape == (2, 32, 30) and found.min() >= 0
+    z = np.maximum(anomaly.level_z(prior, tf.constant(codes), healthy)["top"], 0)
+    np.testing.assert_allclose(found[:, ::8, ::8], z[:, :, :4], rtol=1e-5)
+    np.testing.assert_allclose(found[:, 7, 7], z[:, 0, 0], rtol=1e-5)
 
 
 def test_a_lesion_scores_higher_inside_it_than_the_same_slice_without_it():
@@ -167,8 +224,10 @@ def test_a_lesion_scores_higher_inside_it_than_the_same_slice_without_it():
     lesion[12:18, 12:18] = True
     sick = clean.copy()
     sick[lesion] = 1.0
-    limits = anomaly.thresholds(prior, codes, quantile=0.98)
-    found = anomaly.anomaly_maps(model, anomaly.Healer(prior, 8, 8, 8), np.stack([clean, sick]), limits, draws=4)
-    maps = found["maps"]
-    assert maps[1][lesion].mean() > 2 * maps[0][lesion].mean()
-    assert found["scores"][1] > found["scores"][0]
+    healthy = anomaly.reference(prior, codes, quantile=0.98)
+    for kind in anomaly.MAPS:
+        found = anomaly.anomaly_maps(model, anomaly.Healer(prior, 8, 8, 8), np.stack([clean, sick]), healthy,
+                                     draws=4, kind=kind)
+        maps = found["maps"]
+        assert maps[1][lesion].mean() > 2 * maps[0][lesion].mean(), kind
+        assert found["scores"][1] > found["scores"][0], kind
