@@ -18,7 +18,7 @@ as in Pinaya et al. 2022 (Medical Image Analysis) and MONAI's generative tutoria
    decode each healed grid and average them;
 4. the map. By default ("likelihood") the coarsest level's z-scores (the top grid's, for the
    hierarchical prior), above zero, spread over the pixels each code stands for and
-   smoothed: on synthetic lesions it scores twice the healing map's precision
+   smoothed: on synthetic lesions it scores about twice the healing map's precision
    (`benchmarks/anomaly.py`, README). "healing" is Pinaya et al.'s map: the difference
    between the slice and its healed version, only where healing changed codes, smoothed.
    A slice's score is the map's 99.9th percentile (what its brightest small region reaches).
@@ -37,7 +37,7 @@ import hierarchy
 
 DRAWS = 4  # healed versions averaged per slice
 QUANTILE = 0.995  # of the validation split's per-code z-scores: codes above it (and their neighbours) are redrawn
-SPREAD_FLOOR = 0.1  # nats added to each grid position's NLL spread, so that a position healthy codes always
+SPREAD_FLOOR = 0.5  # nats added to each grid position's NLL spread, so that a position healthy codes always
 # predict perfectly (the background) does not turn a tiny difference into a huge z-score
 MAPS = ("likelihood", "healing")  # what `anomaly_maps` returns as the map; the first is the default
 SMOOTHING = 2.0  # Gaussian sigma of the healing map, in pixels; the likelihood map's is a quarter of a code's block
@@ -306,14 +306,14 @@ def write_file(entry, size, out, cmap):
 
 def run_reference(run_dir, prior, quantile=QUANTILE):
     """`reference` of a run's prior from the validation split's code grids in RUN/codes.npz,
-    kept in RUN/anomaly_reference.npz (computed again for another quantile)."""
+    kept in RUN/anomaly_reference.npz (computed again for another quantile or SPREAD_FLOOR)."""
     import files
     from data import DataError
 
     path = os.path.join(run_dir, "anomaly_reference.npz")
     if os.path.exists(path):
         with np.load(path) as saved:
-            if float(saved["quantile"]) == quantile:
+            if float(saved["quantile"]) == quantile and float(saved.get("spread_floor", -1)) == SPREAD_FLOOR:
                 levels = [key[: -len("_limit")] for key in saved.files if key.endswith("_limit")]
                 return {level: {"mean": saved[f"{level}_mean"], "spread": saved[f"{level}_spread"],
                                 "limit": float(saved[f"{level}_limit"])} for level in levels}
@@ -325,7 +325,8 @@ def run_reference(run_dir, prior, quantile=QUANTILE):
     with np.load(codes_path) as codes:
         healthy = reference(prior, codes["validate"], quantile)
     arrays = {f"{level}_{key}": value for level, stats in healthy.items() for key, value in stats.items()}
-    files.atomic_write(path, lambda temporary: np.savez(temporary, quantile=quantile, **arrays))
+    files.atomic_write(path, lambda temporary: np.savez(temporary, quantile=quantile, spread_floor=SPREAD_FLOOR,
+                                                                   **arrays))
     return healthy
 
 

@@ -169,7 +169,7 @@ def test_reference_scores_each_code_against_healthy_codes_at_its_place():
         np.testing.assert_allclose(anomaly.level_z(prior, tf.constant(grids), healthy)[level], z, rtol=1e-4, atol=1e-5)
 
 
-def test_run_reference_is_kept_and_made_again_for_another_quantile(tmp_path):
+def test_run_reference_is_kept_and_made_again_for_another_quantile_or_floor(tmp_path, monkeypatch):
     run = tiny_run(str(tmp_path / "run"))
     prior = keras.models.load_model(os.path.join(run, "pixelcnn.keras"))
     first = anomaly.run_reference(run, prior, 0.9)
@@ -180,7 +180,11 @@ def test_run_reference_is_kept_and_made_again_for_another_quantile(tmp_path):
     higher = anomaly.run_reference(run, prior, 0.99)
     assert higher["bottom"]["limit"] > first["bottom"]["limit"]
     with np.load(os.path.join(run, "anomaly_reference.npz")) as saved:
-        assert float(saved["quantile"]) == 0.99
+        assert float(saved["quantile"]) == 0.99 and float(saved["spread_floor"]) == anomaly.SPREAD_FLOOR
+    monkeypatch.setattr(anomaly, "SPREAD_FLOOR", anomaly.SPREAD_FLOOR * 2)  # a new version's floor
+    wider = anomaly.run_reference(run, prior, 0.99)
+    np.testing.assert_allclose(wider["bottom"]["spread"] - higher["bottom"]["spread"], anomaly.SPREAD_FLOOR / 2,
+                               rtol=1e-5)
     os.remove(os.path.join(run, "anomaly_reference.npz"))
     os.remove(os.path.join(run, "codes.npz"))
     with pytest.raises(data.DataError, match="no codes.npz"):
