@@ -192,8 +192,9 @@ def test_run_reference_is_kept_and_made_again_for_another_quantile_or_floor(tmp_
 
 
 def test_the_likelihood_map_spreads_the_top_levels_excess_over_its_pixels():
-    """The default map is the coarsest level's z-scores above zero, each over the pixels
-    its code stands for (before smoothing): here 8 pixels per top code (downsampling 4 x factor 2)."""
+    """The default map is the coarsest level's z-scores, each over the pixels its code
+    stands for (before clipping at zero and smoothing): here 8 pixels per top code
+    (downsampling 4 x factor 2)."""
     keras.utils.set_random_seed(0)
     model = vqvae.VQVAE(num_embeddings=8, latent_dim=4, filters=(4, 8), num_res_blocks=1)
     prior = hierarchy.HierarchicalPrior(8, 4, top_embeddings=4, factor=2, top=dict(filters=8, num_layers=2),
@@ -203,10 +204,24 @@ def test_the_likelihood_map_spreads_the_top_levels_excess_over_its_pixels():
     healthy = anomaly.reference(prior, grids, quantile=0.9)
     codes = grids[:2]
     found, block = anomaly.coarse_z_map(model, prior, codes, healthy, (32, 30))
-    assert block == 8 and found.shape == (2, 32, 30) and found.min() >= 0
-    z = np.maximum(anomaly.level_z(prior, tf.constant(codes), healthy)["top"], 0)
+    assert block == 8 and found.shape == (2, 32, 30)
+    z = anomaly.level_z(prior, tf.constant(codes), healthy)["top"]
     np.testing.assert_allclose(found[:, ::8, ::8], z[:, :, :4], rtol=1e-5)
     np.testing.assert_allclose(found[:, 7, 7], z[:, 0, 0], rtol=1e-5)
+
+
+def test_the_mirrored_likelihood_map_is_the_same_for_a_slice_and_its_mirror_image(tmp_path):
+    """With `mirror`, the map averages the slice's view and its mirror image's (mirrored
+    back), so a slice and its mirror image get mirror-image maps."""
+    run = tiny_run(str(tmp_path / "run"))
+    model, prior = (keras.models.load_model(os.path.join(run, name)) for name in ("vqvae.keras", "pixelcnn.keras"))
+    healthy = anomaly.reference(prior, np.load(os.path.join(run, "codes.npz"))["validate"])
+    slices = np.stack([phantom(32, 7), phantom(32, 7)[:, ::-1]])[..., None].astype(np.float32)
+    healer = anomaly.Healer(prior, 2, 8, 8)
+    both = anomaly.anomaly_maps(model, healer, slices, healthy, draws=1, mirror=True)["maps"]
+    np.testing.assert_allclose(both[1], both[0][:, ::-1], rtol=1e-4, atol=1e-4)
+    one = anomaly.anomaly_maps(model, healer, slices, healthy, draws=1)["maps"]
+    assert not np.allclose(one[1], one[0][:, ::-1], atol=1e-4)  # one view alone is not mirror-symmetric
 
 
 def test_a_lesion_scores_higher_inside_it_than_the_same_slice_without_it():
