@@ -6,7 +6,8 @@ as in Pinaya et al. 2022 (Medical Image Analysis) and MONAI's generative tutoria
 
 1. encode the slice and score every code's likelihood under the prior in one parallel pass
    (the prior gives all conditional logits of a grid at once; for the hierarchical prior,
-   each level's: the top grid's codes, then the codes given the top grid);
+   each level's: the top grid's codes, then the codes given the top grid; a top level that
+   knows slice positions scores a slice at the position under which it is likeliest);
 2. compare each code's negative log-likelihood (NLL) with what healthy codes score at the
    same place of the grid: a z-score against the mean and spread of that position's NLL
    over the run's validation split (`reference`); some places (the head's edge, the skull
@@ -19,7 +20,7 @@ as in Pinaya et al. 2022 (Medical Image Analysis) and MONAI's generative tutoria
 4. the map. By default ("likelihood") the coarsest level's z-scores (the top grid's, for the
    hierarchical prior), spread over the pixels each code stands for, averaged with those of
    the slice's mirror image (mirrored back) when the prior learnt mirrored slices too, above
-   zero and smoothed: on synthetic lesions it scores 2.4-2.5 times the healing map's precision
+   zero and smoothed: on synthetic lesions it scores about twice the healing map's precision
    (`benchmarks/anomaly.py`, README). "healing" is Pinaya et al.'s map: the difference
    between the slice and its healed version, only where healing changed codes, smoothed.
    A slice's score is the map's 99.9th percentile (what its brightest small region reaches).
@@ -40,6 +41,7 @@ DRAWS = 4  # healed versions averaged per slice
 QUANTILE = 0.995  # of the validation split's per-code z-scores: codes above it (and their neighbours) are redrawn
 SPREAD_FLOOR = 0.5  # nats added to each grid position's NLL spread, so that a position healthy codes always
 # predict perfectly (the background) does not turn a tiny difference into a huge z-score
+REFERENCE_VERSION = 2  # of how `reference` scores codes; a saved reference of another version is made again
 MAPS = ("likelihood", "healing")  # what `anomaly_maps` returns as the map; the first is the default
 SMOOTHING = 2.0  # Gaussian sigma of the healing map, in pixels; the likelihood map's is a quarter of a code's block
 FOREGROUND = 0.1  # a slice's head: pixels above this (of [0, 1]), holes filled; maps are zero outside it
@@ -54,13 +56,27 @@ SUFFIXES = (".nii.gz", ".nii", ".png", ".jpg", ".jpeg", ".bmp")  # taken off fil
 def level_nll(prior, codes):
     """{level: per-code NLL in nats} of (B, h, w) codes: "bottom" (the codes, given the grid
     above for a hierarchical prior) and, for a hierarchical prior, each coarser level's
-    ("top", "middle") given the one above, with its grid under "<level>_codes"."""
+    ("top", "middle") given the one above, with its grid under "<level>_codes". A top
+    level that knows slice positions scores each slice at its likeliest position."""
     if isinstance(prior, hierarchy.HierarchicalPrior):
         grids, nlls = prior.level_nll(codes)
         found = {name: nll.numpy() for name, nll in zip(prior.names, nlls)}
         found.update({f"{name}_codes": grid.numpy() for name, grid in zip(prior.names[:-1], grids)})
+        if prior.position_bins:
+            found[prior.names[0]] = likeliest_position_nll(prior, grids[0])
         return found
     return {"bottom": prior.code_nll(codes).numpy()}
+
+
+def likeliest_position_nll(prior, top):
+    """The top PixelCNN's per-code NLL of (B, h', w') top grids, each at the position bin
+    under which its whole grid is likeliest: a slice of unknown level is scored as the
+    level it looks most like, not as any level at all."""
+    count = int(tf.shape(top)[0])
+    per_bin = np.stack([prior.networks[0].code_nll((top, tf.fill((count, 1, 1), position))).numpy()
+                        for position in range(1, prior.position_bins + 1)], axis=1)  # class 0 is "unknown"
+    likeliest = per_bin.sum(axis=(2, 3)).argmin(axis=1)
+    return per_bin[np.arange(count), likeliest]
 
 
 def reference(prior, grids, quantile=QUANTILE, batch_size=32):
@@ -108,13 +124,13 @@ class Healer:
         self.hierarchical = isinstance(prior, hierarchy.HierarchicalPrior)
         self.sampler = hierarchy.sampler_for(prior, batch_size, height, width)
 
-    def heal(self, codes, healthy, seed=0):
+    def heal(self, codes, healthy, seed=0, z=None):
         """(healed codes, marked codes): the (B, h, w) codes with the codes `mark` picks by
         their z-score and their level's limit in `healthy` (`reference`) redrawn (and, for a
         hierarchical prior, level by level from the top: also every code of a block whose
         code in the level above was redrawn and came out different), and the bool mask of
-        the codes that were allowed to change."""
-        nll = level_z(self.prior, tf.constant(codes), healthy)
+        the codes that were allowed to change. `z`: the codes' `level_z`, if already known."""
+        nll = level_z(self.prior, tf.constant(codes), healthy) if z is None else z
         if not self.hierarchical:
             marked = mark(nll["bottom"], healthy["bottom"]["limit"])
             return self.sampler.sample(1.0, seed, fixed=codes, keep=~marked).numpy(), marked
@@ -141,8 +157,10 @@ def anomaly_maps(model, healer, images, healthy, draws=DRAWS, seed=0, kind=MAPS[
     likelihood map is the mean of the slice's and its mirror image's."""
     batch = len(images)
     codes = model.encode(images + model.shift).numpy()
+    z = level_z(healer.prior, tf.constant(codes), healthy)
     repeated = np.repeat(codes, draws, axis=0)
-    healed_codes, marked = healer.heal(repeated, healthy, seed)
+    healed_codes, marked = healer.heal(repeated, healthy, seed, {key: np.repeat(value, draws, axis=0)
+                                                                 for key, value in z.items()})
     decoded = model.decode_images(healed_codes)[..., 0]
     healed = decoded.reshape(batch, draws, *decoded.shape[1:]).mean(axis=1)
     if kind == "healing":
@@ -153,10 +171,10 @@ def anomaly_maps(model, healer, images, healthy, draws=DRAWS, seed=0, kind=MAPS[
         region = ndimage.binary_dilation(region, np.ones((1, 2 * scale + 1, 2 * scale + 1), bool))
         maps = ndimage.gaussian_filter(np.abs(images[..., 0] - healed) * region, (0, SMOOTHING, SMOOTHING))
     else:
-        maps, block = coarse_z_map(model, healer.prior, codes, healthy, images.shape[1:3])
+        maps, block = coarse_z_map(model, healer.prior, z, images.shape[1:3])
         if mirror:  # the mirror image's map, mirrored back: a second look at each place
-            mirrored = model.encode(images[:, :, ::-1] + model.shift).numpy()
-            maps = (maps + coarse_z_map(model, healer.prior, mirrored, healthy, images.shape[1:3])[0][:, :, ::-1]) / 2
+            mirrored = level_z(healer.prior, model.encode(images[:, :, ::-1] + model.shift), healthy)
+            maps = (maps + coarse_z_map(model, healer.prior, mirrored, images.shape[1:3])[0][:, :, ::-1]) / 2
         maps = ndimage.gaussian_filter(np.maximum(maps, 0), (0, block / 4, block / 4))
     maps *= head(images[..., 0], model.downsampling)
     nll = healer.prior.code_nll(tf.constant(codes)).numpy()
@@ -165,13 +183,13 @@ def anomaly_maps(model, healer, images, healthy, draws=DRAWS, seed=0, kind=MAPS[
             "marked": marked.reshape(batch, draws, *codes.shape[1:])[:, 0].mean(axis=(1, 2))}
 
 
-def coarse_z_map(model, prior, codes, healthy, size):
-    """The coarsest level's z-scores of (B, h, w) codes, each spread over the pixels its
+def coarse_z_map(model, prior, z, size):
+    """The coarsest level's z-scores of a `level_z` dict, each spread over the pixels its
     code stands for: a (B, H, W) map at the slices' `size`, and the side in pixels of a
     code's block."""
     hierarchical = isinstance(prior, hierarchy.HierarchicalPrior)
     level = prior.names[0] if hierarchical else "bottom"
-    z = level_z(prior, tf.constant(codes), healthy)[level]
+    z = z[level]
     scale = model.downsampling * (prior.factors[0] if hierarchical else 1)  # pixels per code along a side
     return np.repeat(np.repeat(z, scale, axis=1), scale, axis=2)[:, : size[0], : size[1]].astype(np.float32), scale
 
@@ -311,14 +329,16 @@ def write_file(entry, size, out, cmap):
 
 def run_reference(run_dir, prior, quantile=QUANTILE):
     """`reference` of a run's prior from the validation split's code grids in RUN/codes.npz,
-    kept in RUN/anomaly_reference.npz (computed again for another quantile or SPREAD_FLOOR)."""
+    kept in RUN/anomaly_reference.npz (made again for another quantile, SPREAD_FLOOR or
+    REFERENCE_VERSION)."""
     import files
     from data import DataError
 
     path = os.path.join(run_dir, "anomaly_reference.npz")
     if os.path.exists(path):
         with np.load(path) as saved:
-            if float(saved["quantile"]) == quantile and float(saved.get("spread_floor", -1)) == SPREAD_FLOOR:
+            same = [float(saved.get(key, -1)) for key in ("quantile", "spread_floor", "version")]
+            if same == [quantile, SPREAD_FLOOR, REFERENCE_VERSION]:
                 levels = [key[: -len("_limit")] for key in saved.files if key.endswith("_limit")]
                 return {level: {"mean": saved[f"{level}_mean"], "spread": saved[f"{level}_spread"],
                                 "limit": float(saved[f"{level}_limit"])} for level in levels}
@@ -331,7 +351,7 @@ def run_reference(run_dir, prior, quantile=QUANTILE):
         healthy = reference(prior, codes["validate"], quantile)
     arrays = {f"{level}_{key}": value for level, stats in healthy.items() for key, value in stats.items()}
     files.atomic_write(path, lambda temporary: np.savez(temporary, quantile=quantile, spread_floor=SPREAD_FLOOR,
-                                                                   **arrays))
+                                                                   version=REFERENCE_VERSION, **arrays))
     return healthy
 
 

@@ -353,7 +353,7 @@ for round in 1 2; do
 done
 git worktree remove --force "$BEFORE_ISSUE"
 
-# Issue 17: the likelihood map (the default) and the healing map, whole volumes and brain slices (2026-12-07, 03:50 UTC).
+# Issue 17: the likelihood map (the default) and the healing map, whole volumes and brain slices (2026-12-07, 03:58 UTC; the first run makes the reference).
 python benchmarks/anomaly.py --run "$OUT-oasis-top-deep-whole" --data "$DATA/oasis_like" --slices 60 \
     --figure resources/anomaly_examples.png
 python benchmarks/anomaly.py --run "$OUT-oasis-top-deep-whole" --data "$DATA/oasis_like" --slices 60 --positions 0.5 1 \

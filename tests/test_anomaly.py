@@ -142,6 +142,20 @@ def test_anomaly_command_errors(tmp_path):
         ["anomaly", "--run", run, "--data", str(tmp_path), "--map", "residual"])
 
 
+def test_a_top_level_that_knows_positions_scores_each_slice_at_its_likeliest_one():
+    keras.utils.set_random_seed(0)
+    prior = hierarchy.HierarchicalPrior(6, 3, top_embeddings=4, factor=2, top=dict(filters=4, num_layers=1),
+                                        bottom=dict(filters=4, num_layers=1), position_bins=3)
+    grids = np.random.default_rng(2).integers(0, 6, (5, 4, 4)).astype(np.int32)
+    prior.fit_codebooks(np.random.default_rng(3).normal(size=(6, 3)).astype(np.float32), grids)
+    top = prior.top_codes(tf.constant(grids))
+    per_bin = [prior.networks[0].code_nll((top, tf.fill((5, 1, 1), position))).numpy() for position in (1, 2, 3)]
+    expected = np.stack(per_bin, 1)[np.arange(5), np.stack(per_bin, 1).sum(axis=(2, 3)).argmin(axis=1)]
+    found = anomaly.level_nll(prior, tf.constant(grids))["top"]
+    np.testing.assert_allclose(found, expected, rtol=1e-5)
+    assert found.sum() <= min(nll.sum() for nll in per_bin) + 1e-3 * found.size
+
+
 def test_maps_are_zero_outside_the_head():
     images = np.zeros((1, 32, 32), np.float32)
     images[0, 8:24, 8:24] = 0.5
@@ -181,6 +195,7 @@ def test_run_reference_is_kept_and_made_again_for_another_quantile_or_floor(tmp_
     assert higher["bottom"]["limit"] > first["bottom"]["limit"]
     with np.load(os.path.join(run, "anomaly_reference.npz")) as saved:
         assert float(saved["quantile"]) == 0.99 and float(saved["spread_floor"]) == anomaly.SPREAD_FLOOR
+        assert int(saved["version"]) == anomaly.REFERENCE_VERSION
     monkeypatch.setattr(anomaly, "SPREAD_FLOOR", anomaly.SPREAD_FLOOR * 2)  # a new version's floor
     wider = anomaly.run_reference(run, prior, 0.99)
     np.testing.assert_allclose(wider["bottom"]["spread"] - higher["bottom"]["spread"], anomaly.SPREAD_FLOOR / 2,
@@ -203,9 +218,10 @@ def test_the_likelihood_map_spreads_the_top_levels_excess_over_its_pixels():
     prior.fit_codebooks(model.quantizer.codebook.numpy(), grids)
     healthy = anomaly.reference(prior, grids, quantile=0.9)
     codes = grids[:2]
-    found, block = anomaly.coarse_z_map(model, prior, codes, healthy, (32, 30))
+    z = anomaly.level_z(prior, tf.constant(codes), healthy)
+    found, block = anomaly.coarse_z_map(model, prior, z, (32, 30))
     assert block == 8 and found.shape == (2, 32, 30)
-    z = anomaly.level_z(prior, tf.constant(codes), healthy)["top"]
+    z = z["top"]
     np.testing.assert_allclose(found[:, ::8, ::8], z[:, :, :4], rtol=1e-5)
     np.testing.assert_allclose(found[:, 7, 7], z[:, 0, 0], rtol=1e-5)
 
