@@ -206,7 +206,7 @@ def test_run_reference_is_kept_and_made_again_for_another_quantile_or_floor(tmp_
         anomaly.run_reference(run, prior, 0.9)
 
 
-def test_the_likelihood_map_spreads_the_top_levels_excess_over_its_pixels():
+def test_the_likelihood_map_spreads_the_top_levels_z_scores_over_their_pixels():
     """The default map is the coarsest level's z-scores, each over the pixels its code
     stands for (before clipping at zero and smoothing): here 8 pixels per top code
     (downsampling 4 x factor 2)."""
