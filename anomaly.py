@@ -110,8 +110,8 @@ def level_z(prior, codes, healthy):
 
 
 def mark(nll, limit):
-    """The (B, h, w) bool mask of codes to redraw: those whose NLL is above `limit`, and
-    their neighbours."""
+    """The (B, h, w) bool mask of codes to redraw: those whose score (`level_z`) is above
+    `limit`, and their neighbours."""
     return ndimage.binary_dilation(nll > limit, np.ones((1, 3, 3), bool))
 
 
@@ -189,9 +189,8 @@ def coarse_z_map(model, prior, z, size):
     code's block."""
     hierarchical = isinstance(prior, hierarchy.HierarchicalPrior)
     level = prior.names[0] if hierarchical else "bottom"
-    z = z[level]
     scale = model.downsampling * (prior.factors[0] if hierarchical else 1)  # pixels per code along a side
-    return np.repeat(np.repeat(z, scale, axis=1), scale, axis=2)[:, : size[0], : size[1]].astype(np.float32), scale
+    return hierarchy.HierarchicalPrior.upsample(z[level].astype(np.float32), *size, scale).numpy(), scale
 
 
 def head(images, margin):

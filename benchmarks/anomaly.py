@@ -34,8 +34,11 @@ import table  # noqa: E402
 
 
 def head_mask(image):
-    """The head: foreground (> 0.1) with its holes filled."""
-    return ndimage.binary_fill_holes(image > 0.1)
+    """The head, as the command's maps see it (`anomaly.head`, not widened): foreground with its
+    holes filled."""
+    import anomaly
+
+    return anomaly.head(image[None], 0)[0]
 
 
 def insert_lesions(image, rng, count):
