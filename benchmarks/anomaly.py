@@ -216,12 +216,13 @@ def main():
     residual_scores = np.percentile(residuals.reshape(len(images), -1), anomaly.SCORE_PERCENTILE, axis=1)
 
     code_likelihoods(model, runs.load_model(args.run, "pixelcnn.keras"), images, np.stack(clean), masks)
-    names = {"likelihood": "prior likelihood (default)", "healing": "prior healing"}
+    names = {"asymmetry": "asymmetry x likelihood (default)", "likelihood": "prior likelihood",
+             "healing": "prior healing"}
     results = {names[kind]: {**scores_of(maps[kind], images, masks, prior_scores[kind], lesioned),
                              "seconds": seconds[kind]} for kind in anomaly.MAPS}
     results["reconstruction residual"] = {**scores_of(residuals, images, masks, residual_scores, lesioned),
                                           "seconds": residual_seconds}
-    table.print_table([("map", 26, "{}"), ("pixel AUPRC", 11, "{:.3f}"), ("lesion share", 12, "{:.4f}"),
+    table.print_table([("map", 32, "{}"), ("pixel AUPRC", 11, "{:.3f}"), ("lesion share", 12, "{:.4f}"),
                        ("best Dice", 9, "{:.3f}"), ("slice AUROC", 11, "{:.3f}"), ("s/slice", 7, "{:.2f}")],
                       [[name, r["auprc"], r["lesion_share"], r["best_dice"], r["slice_auroc"], r["seconds"]]
                        for name, r in results.items()])
@@ -232,10 +233,10 @@ def main():
         draws = args.draws or anomaly.DRAWS
         healer = anomaly.Healer(prior, len(shown) * draws, size[0] // model.downsampling, size[1] // model.downsampling)
         healed = anomaly.anomaly_maps(model, healer, images[shown, ..., None], healthy, draws, args.seed)["healed"]
-        figure_rows = [[images[i], healed[k], maps["likelihood"][i], maps["healing"][i], residuals[i],
-                        masks[i].astype(float)] for k, i in enumerate(shown)]
+        figure_rows = [[images[i], healed[k], maps["asymmetry"][i], maps["likelihood"][i], maps["healing"][i],
+                        residuals[i], masks[i].astype(float)] for k, i in enumerate(shown)]
         plots.anomaly_figure(figure_rows, args.figure, titles=(
-            "slice (lesions added)", "healed", "likelihood map (default)", "healing map",
+            "slice (lesions added)", "healed", "asymmetry map (default)", "likelihood map", "healing map",
             "residual |slice - reconstruction|", "lesions"), cmap=config.get("cmap", "gray"))
         print(f"wrote {args.figure}")
     table.save(args.json, {"run": args.run, "slices": len(images), "lesion_slices": int(lesioned.sum()),

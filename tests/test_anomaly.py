@@ -9,6 +9,7 @@ import nibabel
 import numpy as np
 import pytest
 import tensorflow as tf
+from scipy import ndimage
 from conftest import phantom, run_error, write_nifti, write_png
 
 import anomaly
@@ -138,7 +139,7 @@ def test_anomaly_command_errors(tmp_path):
     assert "no pixelcnn.keras" in run_error(["anomaly", "--run", run, "--data", str(tmp_path / "new")])
     assert "--quantile must be between 0 and 1" in run_error(["anomaly", "--run", run, "--data", str(tmp_path),
                                                                 "--quantile", "1.5"])
-    assert "--map must be 'likelihood' or 'healing', got 'residual'" in run_error(
+    assert "--map must be 'asymmetry', 'likelihood' or 'healing', got 'residual'" in run_error(
         ["anomaly", "--run", run, "--data", str(tmp_path), "--map", "residual"])
 
 
@@ -234,10 +235,41 @@ def test_the_mirrored_likelihood_map_is_the_same_for_a_slice_and_its_mirror_imag
     healthy = anomaly.reference(prior, np.load(os.path.join(run, "codes.npz"))["validate"])
     slices = np.stack([phantom(32, 7), phantom(32, 7)[:, ::-1]])[..., None].astype(np.float32)
     healer = anomaly.Healer(prior, 2, 8, 8)
-    both = anomaly.anomaly_maps(model, healer, slices, healthy, draws=1, mirror=True)["maps"]
+    both = anomaly.anomaly_maps(model, healer, slices, healthy, draws=1, kind="likelihood", mirror=True)["maps"]
     np.testing.assert_allclose(both[1], both[0][:, ::-1], rtol=1e-4, atol=1e-4)
-    one = anomaly.anomaly_maps(model, healer, slices, healthy, draws=1)["maps"]
+    one = anomaly.anomaly_maps(model, healer, slices, healthy, draws=1, kind="likelihood")["maps"]
     assert not np.allclose(one[1], one[0][:, ::-1], atol=1e-4)  # one view alone is not mirror-symmetric
+
+
+def symmetric_slice(size=64, angle=4.0, shift=4.0):
+    """A left-right symmetric 'head' (an ellipse with two mirrored inner ellipses), turned by
+    `angle` degrees and moved `shift` pixels sideways, as slices seldom sit square."""
+    y, x = np.mgrid[:size, :size] - (size - 1) / 2
+    image = 0.6 * ((x / 24) ** 2 + (y / 28) ** 2 < 1) + 0.3 * (((np.abs(x) - 10) / 5) ** 2 + (y / 8) ** 2 < 1)
+    return ndimage.shift(ndimage.rotate(image, angle, reshape=False, order=1), (0, shift), order=1).astype(np.float32)
+
+
+def test_the_aligned_mirror_image_lies_on_a_turned_and_moved_symmetric_slice():
+    image = symmetric_slice()
+    inside = image > anomaly.FOREGROUND
+    plain = np.abs(image[:, ::-1] - image)[inside].mean()
+    aligned = np.abs(anomaly.aligned_mirror(image) - image)[inside].mean()
+    assert aligned < 0.25 * plain, (aligned, plain)
+
+
+def test_asymmetry_marks_a_blob_on_one_side_and_its_mirror_place_only():
+    image = symmetric_slice(angle=0.0, shift=0.0)
+    blob = np.zeros_like(image, bool)
+    blob[28:36, 14:22] = True
+    sick = image.copy()
+    sick[blob] = 1.0
+    found = anomaly.asymmetry(np.stack([image, sick]))
+    assert found.shape == (2, 64, 64)
+    assert found[1][blob].mean() > 0.1
+    assert found[1][blob[:, ::-1]].mean() > 0.1  # its healthy mirror place differs from it just as much
+    elsewhere = (image > anomaly.FOREGROUND) & ~ndimage.binary_dilation(blob | blob[:, ::-1], iterations=6)
+    assert found[1][elsewhere].max() < 0.05
+    assert found[0].max() < 0.05  # the symmetric slice: nothing
 
 
 def test_a_lesion_scores_higher_inside_it_than_the_same_slice_without_it():
