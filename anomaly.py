@@ -26,8 +26,8 @@ as in Pinaya et al. 2022 (Medical Image Analysis) and MONAI's generative tutoria
    most lesions are not): |smoothed slice - smoothed mirror| times the square root of the
    likelihood map. Neither cue alone finds lesions well: the asymmetry also marks a lesion's
    healthy mirror place and the misaligned head edge, the likelihood map whole blocks of
-   healthy tissue; together they roughly double the likelihood map's precision on synthetic
-   lesions (`benchmarks/anomaly.py`, README). A lesion on the midline that is itself
+   healthy tissue; together they are two to three times as precise as the likelihood map on
+   synthetic lesions (`benchmarks/anomaly.py`, README). A lesion on the midline that is itself
    symmetric is invisible to the asymmetry. "healing" is Pinaya et al.'s map: the difference
    between the slice and its healed version, only where healing changed codes, smoothed.
    A slice's score is the map's 99.9th percentile (what its brightest small region reaches).

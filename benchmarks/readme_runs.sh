@@ -358,3 +358,14 @@ python benchmarks/anomaly.py --run "$OUT-oasis-top-deep-whole" --data "$DATA/oas
     --figure resources/anomaly_examples.png
 python benchmarks/anomaly.py --run "$OUT-oasis-top-deep-whole" --data "$DATA/oasis_like" --slices 60 --positions 0.5 1 \
     --figure resources/anomaly_examples_brain.png
+
+# Issue 17: the asymmetry map (the new default) beside the likelihood and healing maps, brain slices and whole
+# volumes, three lesion draws (2026-12-07, 04:53-05:30 UTC; seed 0 makes the README's figures).
+for seed in 0 1 2; do
+    figure=()
+    [ "$seed" = 0 ] && figure=(--figure resources/anomaly_examples_brain.png)
+    python benchmarks/anomaly.py --run "$OUT-oasis-top-deep-whole" --data "$DATA/oasis_like" --slices 60 --positions 0.5 1 \
+        --seed "$seed" "${figure[@]}"
+    [ "$seed" = 0 ] && figure=(--figure resources/anomaly_examples.png)
+    python benchmarks/anomaly.py --run "$OUT-oasis-top-deep-whole" --data "$DATA/oasis_like" --slices 60 --seed "$seed" "${figure[@]}"
+done
