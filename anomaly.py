@@ -215,10 +215,12 @@ def aligned_mirror(image):
             rotated = ndimage.rotate(slice_[:, ::-1], angle, reshape=False, order=1)
             for shift in shifts:
                 moved = ndimage.shift(rotated, (0, shift), order=1)
-                differences[angle, shift] = np.abs(moved - slice_)[inside].mean() if inside.any() else 0.0
+                differences[angle, shift] = np.abs(moved - slice_)[inside].mean()
         return min(differences, key=differences.get)
 
     small = image[::4, ::4]
+    if not (small > FOREGROUND).any():  # no head to align (e.g. a blank slice padding a batch): the plain mirror
+        return image[:, ::-1]
     reach = max(1, small.shape[1] // 4)  # the head up to an eighth of the width off the centre
     angle, shift = best(small, np.arange(-12, 12.1, 1.5), range(-reach, reach + 1))
     angle, shift = best(image, np.arange(angle - 1.5, angle + 1.6, 0.5), np.arange(4 * shift - 4, 4 * shift + 5))

@@ -270,6 +270,7 @@ def test_asymmetry_marks_a_blob_on_one_side_and_its_mirror_place_only():
     elsewhere = (image > anomaly.FOREGROUND) & ~ndimage.binary_dilation(blob | blob[:, ::-1], iterations=6)
     assert found[1][elsewhere].max() < 0.05
     assert found[0].max() < 0.05  # the symmetric slice: nothing
+    np.testing.assert_array_equal(anomaly.asymmetry(np.zeros((1, 64, 64), np.float32)), 0)  # a blank slice: nothing
 
 
 def test_a_lesion_scores_higher_inside_it_than_the_same_slice_without_it():
