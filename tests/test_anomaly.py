@@ -273,6 +273,21 @@ def test_asymmetry_marks_a_blob_on_one_side_and_its_mirror_place_only():
     np.testing.assert_array_equal(anomaly.asymmetry(np.zeros((1, 64, 64), np.float32)), 0)  # a blank slice: nothing
 
 
+def test_the_side_share_favours_the_place_the_likelihood_map_marks_over_its_mirror_place():
+    """An asymmetry marks a lesion and its healthy mirror place alike; the likelihood map's
+    share of the two tells them apart: near 1 where only the lesion's side is unlikely,
+    near 0 at its mirror place, a half where both sides are alike."""
+    maps = np.full((1, 64, 64), 0.5, np.float32)
+    maps[0, 20:28, 8:16] = 3.0  # the lesion's side; its mirror place is columns 48-55
+    share = anomaly.side_share(maps, [(0.0, 0.0)])
+    assert share[0, 20:28, 8:16].min() > 0.8
+    assert share[0, 20:28, 48:56].max() < 0.2
+    np.testing.assert_allclose(share[0, 40:, :], 0.5, atol=1e-2)
+    np.testing.assert_allclose(share + share[:, :, ::-1], 1, atol=1e-2)  # a place and its mirror place share it
+    turned = anomaly.side_share(maps, [anomaly.mirror_transform(symmetric_slice())])
+    assert turned.shape == maps.shape and np.all((turned >= 0) & (turned <= 1))
+
+
 def test_a_lesion_scores_higher_inside_it_than_the_same_slice_without_it():
     """A small VQ-VAE and prior trained on healthy synthetic slices: a bright blob added to
     a slice raises its map inside the blob, and its score."""
