@@ -369,3 +369,15 @@ for seed in 0 1 2; do
     [ "$seed" = 0 ] && figure=(--figure resources/anomaly_examples.png)
     python benchmarks/anomaly.py --run "$OUT-oasis-top-deep-whole" --data "$DATA/oasis_like" --slices 60 --seed "$seed" "${figure[@]}"
 done
+
+# Issue 17, 2026-12-07 06:39-08:08 UTC: a fresh whole run of the default (the one above was not kept), and the
+# asymmetry map with the likelihood map's side share (the new default) on it, three lesion draws as above.
+python driver.py --data "$DATA/oasis_like" --out "$OUT-oasis-default-whole2"
+for seed in 0 1 2; do
+    figure=()
+    [ "$seed" = 0 ] && figure=(--figure resources/anomaly_examples_brain.png)
+    python benchmarks/anomaly.py --run "$OUT-oasis-default-whole2" --data "$DATA/oasis_like" --slices 60 --positions 0.5 1 \
+        --seed "$seed" "${figure[@]}"
+    [ "$seed" = 0 ] && figure=(--figure resources/anomaly_examples.png)
+    python benchmarks/anomaly.py --run "$OUT-oasis-default-whole2" --data "$DATA/oasis_like" --slices 60 --seed "$seed" "${figure[@]}"
+done
