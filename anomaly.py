@@ -46,6 +46,7 @@ import tensorflow as tf
 from scipy import ndimage
 
 import hierarchy
+from realism import FOREGROUND  # a slice's head: pixels above this (of [0, 1]); maps are zero outside it
 
 DRAWS = 4  # healed versions averaged per slice
 QUANTILE = 0.995  # of the validation split's per-code z-scores: codes above it (and their neighbours) are redrawn
@@ -57,7 +58,6 @@ SMOOTHING = 2.0  # Gaussian sigma of the healing map, in pixels; the likelihood 
 SYMMETRY_SMOOTHING = 6 / 256  # Gaussian sigma of the slice and its mirror image before they are compared, in widths
 SHARE_FLOOR = 1e-3  # added to the sum of a place's and its mirror place's likelihood map in `side_share`
 SHARE_POWER = 0.5  # of the side share in the asymmetry map
-FOREGROUND = 0.1  # a slice's head: pixels above this (of [0, 1]), holes filled; maps are zero outside it
 SCORE_PERCENTILE = 99.9  # a slice's score: this percentile of its map
 SUFFIXES = (".nii.gz", ".nii", ".png", ".jpg", ".jpeg", ".bmp")  # taken off file names for output names
 
