@@ -255,6 +255,10 @@ def test_the_aligned_mirror_image_lies_on_a_turned_and_moved_symmetric_slice():
     plain = np.abs(image[:, ::-1] - image)[inside].mean()
     aligned = np.abs(anomaly.aligned_mirror(image) - image)[inside].mean()
     assert aligned < 0.25 * plain, (aligned, plain)
+    transform = anomaly.mirror_transform(image)
+    assert transform[0] != 0 and transform[1] != 0  # turned and moved, as the slice was
+    np.testing.assert_allclose(anomaly.asymmetry(image[None], [transform]), anomaly.asymmetry(image[None]))
+    assert anomaly.mirror_transform(np.zeros((64, 64), np.float32)) == (0.0, 0.0)  # no head: the plain mirror
 
 
 def test_asymmetry_marks_a_blob_on_one_side_and_its_mirror_place_only():
