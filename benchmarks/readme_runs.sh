@@ -361,23 +361,19 @@ python benchmarks/anomaly.py --run "$OUT-oasis-top-deep-whole" --data "$DATA/oas
 
 # Issue 17: the asymmetry map (the new default) beside the likelihood and healing maps, brain slices and whole
 # volumes, three lesion draws (2026-12-07, 04:53-05:30 UTC; seed 0 makes the README's figures).
-for seed in 0 1 2; do
-    figure=()
-    [ "$seed" = 0 ] && figure=(--figure resources/anomaly_examples_brain.png)
-    python benchmarks/anomaly.py --run "$OUT-oasis-top-deep-whole" --data "$DATA/oasis_like" --slices 60 --positions 0.5 1 \
-        --seed "$seed" "${figure[@]}"
-    [ "$seed" = 0 ] && figure=(--figure resources/anomaly_examples.png)
-    python benchmarks/anomaly.py --run "$OUT-oasis-top-deep-whole" --data "$DATA/oasis_like" --slices 60 --seed "$seed" "${figure[@]}"
-done
+anomaly_draws() {  # the anomaly benchmark of run $1, brain slices and whole volumes, lesion seeds 0-2 (seed 0 draws the figures)
+    for seed in 0 1 2; do
+        figure=()
+        [ "$seed" = 0 ] && figure=(--figure resources/anomaly_examples_brain.png)
+        python benchmarks/anomaly.py --run "$1" --data "$DATA/oasis_like" --slices 60 --positions 0.5 1 \
+            --seed "$seed" "${figure[@]}"
+        [ "$seed" = 0 ] && figure=(--figure resources/anomaly_examples.png)
+        python benchmarks/anomaly.py --run "$1" --data "$DATA/oasis_like" --slices 60 --seed "$seed" "${figure[@]}"
+    done
+}
+anomaly_draws "$OUT-oasis-top-deep-whole"
 
 # Issue 17, 2026-12-07 06:39-08:08 UTC: a fresh whole run of the default (the one above was not kept), and the
 # asymmetry map with the likelihood map's side share (the new default) on it, three lesion draws as above.
 python driver.py --data "$DATA/oasis_like" --out "$OUT-oasis-default-whole2"
-for seed in 0 1 2; do
-    figure=()
-    [ "$seed" = 0 ] && figure=(--figure resources/anomaly_examples_brain.png)
-    python benchmarks/anomaly.py --run "$OUT-oasis-default-whole2" --data "$DATA/oasis_like" --slices 60 --positions 0.5 1 \
-        --seed "$seed" "${figure[@]}"
-    [ "$seed" = 0 ] && figure=(--figure resources/anomaly_examples.png)
-    python benchmarks/anomaly.py --run "$OUT-oasis-default-whole2" --data "$DATA/oasis_like" --slices 60 --seed "$seed" "${figure[@]}"
-done
+anomaly_draws "$OUT-oasis-default-whole2"
