@@ -21,16 +21,15 @@ as in Pinaya et al. 2022 (Medical Image Analysis) and MONAI's generative tutoria
    hierarchical prior), spread over the pixels each code stands for, averaged with those of
    the slice's mirror image (mirrored back) when the prior learnt mirrored slices too, above
    zero and smoothed. It knows which 16-pixel blocks are unusual, not which pixels. The
-   default ("asymmetry") weights it by where the slice differs from its own mirror image,
-   rotated and shifted onto it (`aligned_mirror`; brains are nearly left-right symmetric,
-   most lesions are not): |smoothed slice - smoothed mirror| times the square root of the
-   likelihood map, and times the square root of the likelihood map's `side_share` (its value
-   at each place over the sum of its values there and at the mirror place), which tells
-   the unlikely side of an asymmetry, the lesion's, from its healthy mirror place. Neither
-   cue alone finds lesions well: the asymmetry also marks a lesion's mirror place and the
-   misaligned head edge, the likelihood map whole blocks of healthy tissue; together they
-   are two to three times as precise as the likelihood map on synthetic lesions
-   (`benchmarks/anomaly.py`, README). A lesion on the midline that is itself
+   default ("asymmetry") looks where the slice differs from its own mirror image, turned,
+   moved (`mirror_transform`) and bent (`mirror_field`) onto it (brains are nearly
+   left-right symmetric, most lesions are not): |smoothed slice - smoothed mirror|, times
+   the square root of the likelihood map's `side_share` (its value at each place over the
+   sum of its values there and at the mirror place), which tells the unlikely side of an
+   asymmetry, the lesion's, from its healthy mirror place. Neither cue alone finds lesions
+   well: the asymmetry also marks a lesion's mirror place, the likelihood map whole blocks
+   of healthy tissue; together they are three times as precise as the likelihood map on
+   synthetic lesions (`benchmarks/anomaly.py`, README). A lesion on the midline that is itself
    symmetric is invisible to the asymmetry. "healing" is Pinaya et al.'s map: the difference
    between the slice and its healed version, only where healing changed codes, smoothed.
    A slice's score is the map's 99.9th percentile (what its brightest small region reaches).
@@ -56,6 +55,9 @@ REFERENCE_VERSION = 2  # of how `reference` scores codes; a saved reference of a
 MAPS = ("asymmetry", "likelihood", "healing")  # what `anomaly_maps` returns as the map; the first is the default
 SMOOTHING = 2.0  # Gaussian sigma of the healing map, in pixels; the likelihood map's is a quarter of a code's block
 SYMMETRY_SMOOTHING = 6 / 256  # Gaussian sigma of the slice and its mirror image before they are compared, in widths
+BEND_STEPS = 100  # demons steps of `mirror_field`, on a 2x smaller slice
+BEND_BLUR = 3 / 256  # Gaussian sigma of the slice and its mirror image before `mirror_field` compares them, in widths
+BEND_SMOOTHING = 4 / 256  # Gaussian sigma of `mirror_field`'s displacement after each step, in widths: how stiff it is
 SHARE_FLOOR = 1e-3  # added to the sum of a place's and its mirror place's likelihood map in `side_share`
 SHARE_POWER = 0.5  # of the side share in the asymmetry map
 SCORE_PERCENTILE = 99.9  # a slice's score: this percentile of its map
@@ -190,8 +192,8 @@ def anomaly_maps(model, healer, images, healthy, draws=DRAWS, seed=0, kind=MAPS[
             maps = (maps + coarse_z_map(model, healer.prior, mirrored, images.shape[1:3])[0][:, :, ::-1]) / 2
         maps = ndimage.gaussian_filter(np.maximum(maps, 0), (0, block / 4, block / 4))
         if kind == "asymmetry":
-            transforms = [mirror_transform(image) for image in images[..., 0]]
-            maps = asymmetry(images[..., 0], transforms) * np.sqrt(maps) * side_share(maps, transforms) ** SHARE_POWER
+            transforms, fields = mirrors(images[..., 0])
+            maps = asymmetry(images[..., 0], transforms, fields) * side_share(maps, transforms, fields) ** SHARE_POWER
     maps *= head(images[..., 0], model.downsampling)
     nll = healer.prior.code_nll(tf.constant(codes)).numpy()
     return {"maps": maps.astype(np.float32), "healed": healed, "nll": nll,
@@ -234,36 +236,86 @@ def mirror_transform(image):
     return float(angle), float(shift)
 
 
-def mirrored(image, transform):
+def mirror_field(image, transform):
+    """(2, H, W) displacement, in pixels (rows, columns), that bends the (H, W) slice's
+    rigidly aligned mirror image (`mirrored` by `transform`) onto it: no two halves of a
+    head are alike, and a turn and shift leave the ventricles', sulci's and the head edge's
+    differences in place. Thirion's demons, on both blurred and 2x smaller: each of
+    BEND_STEPS steps moves every pixel along the mirror image's gradient by their
+    difference, then smooths the displacement (BEND_SMOOTHING of the width), so it stays
+    too stiff to make a blob in even tissue vanish (one against a structure as bright on the
+    other side may be partly filled by it). Zero for a slice with no head."""
+    image = np.asarray(image, np.float32)
+    field = np.zeros((2,) + image.shape, np.float32)
+    if not (image > FOREGROUND).any():
+        return field
+    width = image.shape[1]
+    blur = lambda x: ndimage.gaussian_filter(x, BEND_BLUR * width)[::2, ::2]  # noqa: E731
+    fixed, moving = blur(image), blur(mirrored(image, transform))
+    small = np.zeros((2,) + fixed.shape, np.float32)
+    for _ in range(BEND_STEPS):
+        bent = warp(moving, small)
+        difference = bent - fixed
+        gradient = np.stack(np.gradient(bent))
+        step = -difference * gradient / (np.sum(gradient ** 2, axis=0) + difference ** 2 + 1e-9)
+        small = ndimage.gaussian_filter(small + np.clip(step, -1, 1), (0,) + (BEND_SMOOTHING * width / 2,) * 2)
+    for axis in range(2):  # back to full size, in full-size pixels
+        field[axis] = 2 * ndimage.zoom(small[axis], 2, order=1)[: image.shape[0], : image.shape[1]]
+    return field
+
+
+def warp(image, field):
+    """The (H, W) image with each pixel taken from its place moved by the (2, H, W) `field`."""
+    rows, columns = np.mgrid[: image.shape[0], : image.shape[1]].astype(np.float32)
+    return ndimage.map_coordinates(image, [rows + field[0], columns + field[1]], order=1, mode="nearest")
+
+
+def mirrored(image, transform, field=None):
     """The (H, W) image mirrored left to right, then turned and moved by `transform`
-    (`mirror_transform` of the slice it belongs to): what lies at each place's mirror place."""
+    (`mirror_transform` of the slice it belongs to) and bent by `field` (its
+    `mirror_field`, if given): what lies at each place's mirror place."""
     angle, shift = transform
     if not angle and not shift:
-        return image[:, ::-1].copy()
-    return ndimage.shift(ndimage.rotate(image[:, ::-1], angle, reshape=False, order=1), (0, shift), order=1)
+        flipped = image[:, ::-1].copy()
+    else:
+        flipped = ndimage.shift(ndimage.rotate(image[:, ::-1], angle, reshape=False, order=1), (0, shift), order=1)
+    return flipped if field is None else warp(flipped, field)
 
 
 def aligned_mirror(image):
-    """The (H, W) slice's mirror image, turned and moved to lie on it (`mirror_transform`)."""
-    return mirrored(image, mirror_transform(image))
+    """The (H, W) slice's mirror image, turned, moved (`mirror_transform`) and bent
+    (`mirror_field`) to lie on it."""
+    transform = mirror_transform(image)
+    return mirrored(image, transform, mirror_field(image, transform))
 
 
-def asymmetry(images, transforms=None):
+def mirrors(images):
+    """Each (H, W) slice's `mirror_transform` and `mirror_field`: ([(angle, shift)], [field])."""
+    transforms = [mirror_transform(image) for image in images]
+    return transforms, [mirror_field(image, transform) for image, transform in zip(images, transforms)]
+
+
+def asymmetry(images, transforms=None, fields=None):
     """(B, H, W) slices -> (B, H, W) |slice - its aligned mirror image|, both smoothed
     (sigma SYMMETRY_SMOOTHING of the width): where a slice is not left-right symmetric.
-    `transforms`: each slice's `mirror_transform`, if already known."""
+    `transforms`, `fields`: each slice's `mirror_transform` and `mirror_field`, if already
+    known (both found if `transforms` is not given)."""
     images = np.asarray(images, np.float32)
-    transforms = [mirror_transform(image) for image in images] if transforms is None else transforms
+    if transforms is None:
+        transforms, fields = mirrors(images)
+    fields = [None] * len(images) if fields is None else fields
     sigma = SYMMETRY_SMOOTHING * images.shape[2]
-    return np.stack([np.abs(ndimage.gaussian_filter(image, sigma) - ndimage.gaussian_filter(mirrored(image, transform), sigma))
-                     for image, transform in zip(images, transforms)])
+    return np.stack([np.abs(ndimage.gaussian_filter(image, sigma) - ndimage.gaussian_filter(mirrored(image, *mirror), sigma))
+                     for image, *mirror in zip(images, transforms, fields)])
 
 
-def side_share(maps, transforms):
+def side_share(maps, transforms, fields=None):
     """(B, H, W) likelihood maps -> each place's share of its value and its mirror place's
-    (`mirrored` by each slice's `mirror_transform`): above a half on the side of an
-    asymmetry that the prior finds less likely, the lesion's rather than its mirror place's."""
-    across = np.stack([mirrored(image_map, transform) for image_map, transform in zip(maps, transforms)])
+    (`mirrored` by each slice's `mirror_transform` and `mirror_field`): above a half on the
+    side of an asymmetry that the prior finds less likely, the lesion's rather than its
+    mirror place's."""
+    fields = [None] * len(maps) if fields is None else fields
+    across = np.stack([mirrored(image_map, *mirror) for image_map, *mirror in zip(maps, transforms, fields)])
     return maps / (maps + across + SHARE_FLOOR)
 
 

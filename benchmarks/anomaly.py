@@ -216,7 +216,7 @@ def main():
     residual_scores = np.percentile(residuals.reshape(len(images), -1), anomaly.SCORE_PERCENTILE, axis=1)
 
     code_likelihoods(model, runs.load_model(args.run, "pixelcnn.keras"), images, np.stack(clean), masks)
-    names = {"asymmetry": "asymmetry x likelihood (default)", "likelihood": "prior likelihood",
+    names = {"asymmetry": "asymmetry, side share (default)", "likelihood": "prior likelihood",
              "healing": "prior healing"}
     results = {names[kind]: {**scores_of(maps[kind], images, masks, prior_scores[kind], lesioned),
                              "seconds": seconds[kind]} for kind in anomaly.MAPS}
