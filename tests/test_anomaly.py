@@ -300,6 +300,24 @@ def test_asymmetry_marks_a_blob_on_one_side_and_its_mirror_place_only():
     np.testing.assert_array_equal(anomaly.asymmetry(np.zeros((1, 64, 64), np.float32)), 0)  # a blank slice: nothing
 
 
+def test_detail_mismatch_is_high_where_fine_detail_differs_and_low_inside_a_smooth_blob():
+    """Sulci that do not quite meet their mirror image's make fine-grained differences, a
+    lesion a smooth one: over the mismatch, the blob's asymmetry outranks the stripes'."""
+    y, x = np.mgrid[:128, :128] - 63.5
+    image = 0.6 * ((x / 50) ** 2 + (y / 56) ** 2 < 1).astype(np.float32)
+    stripes = (np.abs(y - 20) < 10) & (np.abs(x - 25) < 10)  # fine texture on one side only
+    image[stripes] += 0.15 * np.sin(x[stripes] * np.pi / 2)
+    image += 0.2 * np.exp(-((x + 25) ** 2 + (y + 20) ** 2) / (2 * 4 ** 2))  # a smooth blob on the other side
+    transforms = [(0.0, 0.0)]
+    found = anomaly.detail_mismatch(image[None], transforms)
+    assert found.shape == (1, 128, 128)
+    texture, blob = (slice(None), slice(80, 88), slice(85, 93)), (slice(None), slice(40, 48), slice(35, 43))
+    assert found[texture].mean() > 3 * found[blob].mean()
+    ratio = anomaly.asymmetry(image[None], transforms) / (found + anomaly.MISMATCH_FLOOR)
+    assert ratio[blob].mean() > 2 * ratio[texture].mean()
+    np.testing.assert_array_equal(anomaly.detail_mismatch(np.zeros((1, 64, 64), np.float32), transforms), 0)
+
+
 def test_the_side_share_favours_the_place_the_likelihood_map_marks_over_its_mirror_place():
     """An asymmetry marks a lesion and its healthy mirror place alike; the likelihood map's
     share of the two tells them apart: near 1 where only the lesion's side is unlikely,
