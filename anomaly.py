@@ -29,8 +29,8 @@ as in Pinaya et al. 2022 (Medical Image Analysis) and MONAI's generative tutoria
    `side_share` (its value at each place over the sum of its values there and at the mirror
    place), which tells the unlikely side of an asymmetry, the lesion's, from its healthy
    mirror place. Neither cue alone finds lesions well: the asymmetry also marks a lesion's
-   mirror place, the likelihood map whole blocks of healthy tissue; together they are three
-   to four times as precise as the likelihood map on synthetic lesions
+   mirror place, the likelihood map whole blocks of healthy tissue; together they are four
+   to five times as precise as the likelihood map on synthetic lesions
    (`benchmarks/anomaly.py`, README). A lesion on the midline that is itself
    symmetric is invisible to the asymmetry. "healing" is Pinaya et al.'s map: the difference
    between the slice and its healed version, only where healing changed codes, smoothed.
