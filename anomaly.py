@@ -302,6 +302,13 @@ def mirrors(images):
     return transforms, [mirror_field(image, transform) for image, transform in zip(images, transforms)]
 
 
+def mirror_images(images, transforms, fields=None):
+    """(B, H, W) images (slices, or maps of them), each `mirrored` by its slice's
+    `mirror_transform` and `mirror_field` (not bent where `fields` is None)."""
+    fields = [None] * len(images) if fields is None else fields
+    return np.stack([mirrored(image, transform, field) for image, transform, field in zip(images, transforms, fields)])
+
+
 def asymmetry(images, transforms=None, fields=None):
     """(B, H, W) slices -> (B, H, W) |slice - its aligned mirror image|, both smoothed
     (sigma SYMMETRY_SMOOTHING of the width): where a slice is not left-right symmetric.
@@ -310,10 +317,8 @@ def asymmetry(images, transforms=None, fields=None):
     images = np.asarray(images, np.float32)
     if transforms is None:
         transforms, fields = mirrors(images)
-    fields = [None] * len(images) if fields is None else fields
     sigma = SYMMETRY_SMOOTHING * images.shape[2]
-    return np.stack([np.abs(ndimage.gaussian_filter(image, sigma) - ndimage.gaussian_filter(mirrored(image, *mirror), sigma))
-                     for image, *mirror in zip(images, transforms, fields)])
+    return np.abs(ndimage.gaussian_filter(images - mirror_images(images, transforms, fields), (0, sigma, sigma)))
 
 
 def detail_mismatch(images, transforms, fields=None):
@@ -322,13 +327,11 @@ def detail_mismatch(images, transforms, fields=None):
     width), of their difference less itself smoothed (DETAIL_SMOOTHING). Where sulci and
     edges do not quite meet after the bend it is high, and an asymmetry there means less; a
     lesion's smooth blob adds little to it but its edge."""
-    found = []
-    fields = [None] * len(transforms) if fields is None else fields
-    for image, transform, field in zip(np.asarray(images, np.float32), transforms, fields):
-        difference = image - mirrored(image, transform, field)
-        detail = difference - ndimage.gaussian_filter(difference, DETAIL_SMOOTHING * image.shape[1])
-        found.append(np.sqrt(ndimage.gaussian_filter(detail ** 2, DETAIL_WINDOW * image.shape[1])))
-    return np.stack(found)
+    images = np.asarray(images, np.float32)
+    width = images.shape[2]
+    difference = images - mirror_images(images, transforms, fields)
+    detail = difference - ndimage.gaussian_filter(difference, (0, DETAIL_SMOOTHING * width, DETAIL_SMOOTHING * width))
+    return np.sqrt(ndimage.gaussian_filter(detail ** 2, (0, DETAIL_WINDOW * width, DETAIL_WINDOW * width)))
 
 
 def side_share(maps, transforms, fields=None):
@@ -336,9 +339,7 @@ def side_share(maps, transforms, fields=None):
     (`mirrored` by each slice's `mirror_transform` and `mirror_field`): above a half on the
     side of an asymmetry that the prior finds less likely, the lesion's rather than its
     mirror place's."""
-    fields = [None] * len(maps) if fields is None else fields
-    across = np.stack([mirrored(image_map, *mirror) for image_map, *mirror in zip(maps, transforms, fields)])
-    return maps / (maps + across + SHARE_FLOOR)
+    return maps / (maps + mirror_images(maps, transforms, fields) + SHARE_FLOOR)
 
 
 def head(images, margin):
