@@ -65,6 +65,11 @@ DETAIL_WINDOW = 6 / 256  # `detail_mismatch`: Gaussian window of its root mean s
 MISMATCH_FLOOR = 0.01  # added to `detail_mismatch` before the asymmetry is divided by it
 SHARE_FLOOR = 1e-3  # added to the sum of a place's and its mirror place's likelihood map in `side_share`
 SHARE_POWER = 0.5  # of the side share in the asymmetry map
+ATLAS_NEIGHBOURS = 3  # healthy training slices an `Atlas` compares each slice with
+ATLAS_GRID = 32  # `box_features`: a head is compared on a grid this many samples a side
+ATLAS_SIDE = 0.7  # weight of the atlas's side share against the prior's (geometric mean) in the asymmetry map
+ATLAS_POWER = 0.25  # of the atlas deviation (plus ATLAS_FLOOR) in the asymmetry map
+ATLAS_FLOOR = 0.01  # added to the atlas deviation
 SCORE_PERCENTILE = 99.9  # a slice's score: this percentile of its map
 SUFFIXES = (".nii.gz", ".nii", ".png", ".jpg", ".jpeg", ".bmp")  # taken off file names for output names
 
@@ -169,12 +174,14 @@ class Healer:
         return healed, marked
 
 
-def anomaly_maps(model, healer, images, healthy, draws=DRAWS, seed=0, kind=MAPS[0], mirror=False):
+def anomaly_maps(model, healer, images, healthy, draws=DRAWS, seed=0, kind=MAPS[0], mirror=False, atlas=None):
     """Anomaly maps of (B, H, W, 1) slices in [0, 1] (B * draws = the healer's batch),
     against healthy codes' `reference`: a dict of "maps" (B, H, W) of `kind` (one of MAPS),
     "healed" (B, H, W) slices, "scores" (B,), per-code "nll" (B, h, w) and the share of
     codes "marked" (B,). With `mirror` (for a prior that learnt mirrored slices too), the
-    likelihood map is the mean of the slice's and its mirror image's."""
+    likelihood map is the mean of the slice's and its mirror image's. The asymmetry map
+    also weighs each place by how the slice differs there from the healthy heads of an
+    `atlas` (`run_atlas`), if given."""
     batch = len(images)
     codes = model.encode(images + model.shift).numpy()
     z = level_z(healer.prior, tf.constant(codes), healthy)
@@ -199,8 +206,13 @@ def anomaly_maps(model, healer, images, healthy, draws=DRAWS, seed=0, kind=MAPS[
         if kind == "asymmetry":
             slices = images[..., 0]
             transforms, fields = mirrors(slices)
-            maps = (asymmetry(slices, transforms, fields) / (detail_mismatch(slices, transforms, fields) + MISMATCH_FLOOR)
-                    * side_share(maps, transforms, fields) ** SHARE_POWER)
+            share = side_share(maps, transforms, fields)
+            maps = asymmetry(slices, transforms, fields) / (detail_mismatch(slices, transforms, fields) + MISMATCH_FLOOR)
+            if atlas is not None:  # which side differs from healthy heads like it, and how much
+                deviation = atlas.deviation(slices)
+                share = share ** (1 - ATLAS_SIDE) * side_share(deviation, transforms, fields) ** ATLAS_SIDE
+                maps = maps * (deviation + ATLAS_FLOOR) ** ATLAS_POWER
+            maps = maps * share ** SHARE_POWER
     maps *= head(images[..., 0], model.downsampling)
     nll = healer.prior.code_nll(tf.constant(codes)).numpy()
     return {"maps": maps.astype(np.float32), "healed": healed, "nll": nll,
@@ -245,29 +257,36 @@ def mirror_transform(image):
 
 def mirror_field(image, transform):
     """(2, H, W) displacement, in pixels (rows, columns), that bends the (H, W) slice's
-    rigidly aligned mirror image (`mirrored` by `transform`) onto it: no two halves of a
-    head are alike, and a turn and shift leave the ventricles', sulci's and the head edge's
-    differences in place. Thirion's demons, on both blurred and 2x smaller: each of
-    BEND_STEPS steps moves every pixel along the mirror image's gradient by their
-    difference, then smooths the displacement (BEND_SMOOTHING of the width), so it stays
-    too stiff to make a blob in even tissue vanish (one against a structure as bright on the
-    other side may be partly filled by it). Zero for a slice with no head."""
+    rigidly aligned mirror image (`mirrored` by `transform`) onto it (`bend_field`): no two
+    halves of a head are alike, and a turn and shift leave the ventricles', sulci's and the
+    head edge's differences in place. Zero for a slice with no head."""
     image = np.asarray(image, np.float32)
-    field = np.zeros((2,) + image.shape, np.float32)
     if not (image > FOREGROUND).any():
-        return field
-    width = image.shape[1]
+        return np.zeros((2,) + image.shape, np.float32)
+    return bend_field(image, mirrored(image, transform))
+
+
+def bend_field(fixed, moving):
+    """(2, H, W) displacement, in pixels (rows, columns), that bends the (H, W) image
+    `moving` onto `fixed` (`warp(moving, field)` lies on it). Thirion's demons, on both
+    blurred and 2x smaller: each of BEND_STEPS steps moves every pixel along the bent
+    image's gradient by their difference, then smooths the displacement (BEND_SMOOTHING of
+    the width), so it stays too stiff to make a blob in even tissue vanish (one against a
+    structure as bright on the other image may be partly filled by it)."""
+    fixed, moving = np.asarray(fixed, np.float32), np.asarray(moving, np.float32)
+    width = fixed.shape[1]
     blur = lambda x: ndimage.gaussian_filter(x, BEND_BLUR * width)[::2, ::2]  # noqa: E731
-    fixed, moving = blur(image), blur(mirrored(image, transform))
-    small = np.zeros((2,) + fixed.shape, np.float32)
+    small_fixed, small_moving = blur(fixed), blur(moving)
+    small = np.zeros((2,) + small_fixed.shape, np.float32)
     for _ in range(BEND_STEPS):
-        bent = warp(moving, small)
-        difference = bent - fixed
+        bent = warp(small_moving, small)
+        difference = bent - small_fixed
         gradient = np.stack(np.gradient(bent))
         step = -difference * gradient / (np.sum(gradient ** 2, axis=0) + difference ** 2 + 1e-9)
         small = ndimage.gaussian_filter(small + np.clip(step, -1, 1), (0,) + (BEND_SMOOTHING * width / 2,) * 2)
+    field = np.zeros((2,) + fixed.shape, np.float32)
     for axis in range(2):  # back to full size, in full-size pixels
-        field[axis] = 2 * ndimage.zoom(small[axis], 2, order=1)[: image.shape[0], : image.shape[1]]
+        field[axis] = 2 * ndimage.zoom(small[axis], 2, order=1)[: fixed.shape[0], : fixed.shape[1]]
     return field
 
 
@@ -350,6 +369,115 @@ def head(images, margin):
 
 
 # ---------------------------------------------------------------------------
+# Healthy heads of other people
+
+
+def head_box(image):
+    """(top, bottom, left, right) pixel bounds of the (H, W) slice's head: its largest
+    part above FOREGROUND (opened, so that background noise does not widen it); the whole
+    slice for a slice with no head."""
+    inside = ndimage.binary_opening(image > FOREGROUND, iterations=2)
+    parts, count = ndimage.label(inside)
+    if not count:
+        return np.array([0, image.shape[0] - 1, 0, image.shape[1] - 1], np.float32)
+    rows, columns = np.nonzero(parts == 1 + np.argmax(ndimage.sum(inside, parts, range(1, count + 1))))
+    return np.array([rows.min(), rows.max(), columns.min(), columns.max()], np.float32)
+
+
+def box_features(image, box, size=ATLAS_GRID):
+    """The (H, W) slice's head `box`, blurred and sampled on a `size` x `size` grid, flat:
+    what two heads of different size and place are compared by."""
+    top, bottom, left, right = box
+    rows, columns = np.meshgrid(np.linspace(top, bottom, size), np.linspace(left, right, size), indexing="ij")
+    blurred = ndimage.gaussian_filter(image, image.shape[1] / (4 * size))
+    return ndimage.map_coordinates(blurred, [rows, columns], order=1).ravel().astype(np.float32)
+
+
+def fit_to_box(image, box, target_box, shape):
+    """The (H, W) slice stretched and moved so that its head `box` lies on `target_box`, in
+    a `shape` frame."""
+    top, bottom, left, right = target_box
+    row_scale = (box[1] - box[0]) / max(bottom - top, 1)
+    column_scale = (box[3] - box[2]) / max(right - left, 1)
+    rows, columns = np.mgrid[: shape[0], : shape[1]].astype(np.float32)
+    return ndimage.map_coordinates(image, [box[0] + (rows - top) * row_scale, box[2] + (columns - left) * column_scale],
+                                   order=1, cval=0.0)
+
+
+class Atlas:
+    """Healthy slices of other people: a run's training code grids (`decode`d by its
+    VQ-VAE: (N, h, w) grids -> (N, H, W, 1) slices; and their mirror images), found by how much their heads look like a slice's
+    (`box_features`), stretched onto its head (`fit_to_box`) and bent onto it
+    (`bend_field`). Where a slice differs from the healthy heads most like it, and more
+    than at its mirror place, it is more likely the lesion's side of an asymmetry."""
+
+    def __init__(self, decode, grids, boxes, features):
+        self.decode, self.grids, self.boxes, self.features = decode, grids, boxes, features
+
+    @classmethod
+    def from_grids(cls, decode, grids, batch_size=32):
+        """Decode (N, h, w) healthy code grids once for their head boxes and features (each
+        grid twice: as it is and mirrored)."""
+        boxes, features = [], []
+        for start in range(0, len(grids), batch_size):
+            for image in decode(grids[start: start + batch_size])[..., 0]:
+                for view in (image, image[:, ::-1]):
+                    boxes.append(head_box(view))
+                    features.append(box_features(view, boxes[-1]))
+        return cls(decode, grids, np.stack(boxes), np.stack(features))
+
+    def references(self, image, count=ATLAS_NEIGHBOURS):
+        """(count, H, W): the `count` healthy slices whose heads look most like the (H, W)
+        slice's, stretched and bent onto it. Empty for a slice with no head."""
+        if not (image > FOREGROUND).any():
+            return np.zeros((0,) + image.shape, np.float32)
+        box = head_box(image)
+        nearest = np.argsort(((self.features - box_features(image, box)) ** 2).sum(axis=1))[:count]
+        decoded = self.decode(self.grids[nearest // 2])[..., 0]
+        found = []
+        for index, reference in zip(nearest, decoded):
+            reference = reference[:, ::-1] if index % 2 else reference
+            fitted = fit_to_box(reference, self.boxes[index], box, image.shape)
+            found.append(warp(fitted, bend_field(image, fitted)))
+        return np.stack(found)
+
+    def deviation(self, images):
+        """(B, H, W) |slice - the mean of its `references`|, both smoothed like the
+        asymmetry (SYMMETRY_SMOOTHING of the width); zero for a slice with no head."""
+        images = np.asarray(images, np.float32)
+        sigma = SYMMETRY_SMOOTHING * images.shape[2]
+        found = np.zeros_like(images)
+        for i, image in enumerate(images):
+            references = self.references(image)
+            if len(references):
+                found[i] = np.abs(ndimage.gaussian_filter(image - references.mean(axis=0), sigma))
+        return found
+
+
+def run_atlas(run_dir, model):
+    """The `Atlas` of a run's training code grids (RUN/codes.npz), with their head boxes and
+    features kept in RUN/anomaly_atlas.npz (made again when the grids change)."""
+    import files
+    from data import DataError
+
+    codes_path = os.path.join(run_dir, "codes.npz")
+    if not os.path.exists(codes_path):
+        raise DataError(f"--run {run_dir}: no codes.npz, whose training code grids are the healthy heads compared with")
+    with np.load(codes_path) as codes:
+        grids = codes["train"]
+    path = os.path.join(run_dir, "anomaly_atlas.npz")
+    if os.path.exists(path):
+        with np.load(path) as saved:
+            if len(saved["boxes"]) == 2 * len(grids) and int(saved["grid"]) == ATLAS_GRID:
+                return Atlas(model.decode_images, grids, saved["boxes"], saved["features"])
+    print(f"healthy atlas: the head box and features of each of the {len(grids)} training slices", flush=True)
+    atlas = Atlas.from_grids(model.decode_images, grids)
+    files.atomic_write(path, lambda temporary: np.savez(temporary, boxes=atlas.boxes, features=atlas.features,
+                                                       grid=ATLAS_GRID))
+    return atlas
+
+
+# ---------------------------------------------------------------------------
 # Files in, maps out
 
 
@@ -403,9 +531,10 @@ def readable_files(paths, run_config):
         yield path, slices, layout
 
 
-def write_maps(model, prior, paths, run_config, out, healthy, draws=DRAWS, batch_size=16, seed=0, kind=MAPS[0]):
-    """Anomaly maps (`kind`, against healthy codes' `reference`) of every slice of the
-    files at `paths`, written to OUT per file:
+def write_maps(model, prior, paths, run_config, out, healthy, draws=DRAWS, batch_size=16, seed=0, kind=MAPS[0],
+               atlas=None):
+    """Anomaly maps (`kind`, against healthy codes' `reference` and the healthy heads of
+    `atlas`, if given) of every slice of the files at `paths`, written to OUT per file:
     `<stem>_anomaly.nii.gz` (float32, at the file's own height and width, in its own space
     for NIfTI; a volume gives a volume), `<stem>_anomaly.png` (slice, healed slice and map;
     a volume's highest-scoring slice), `<stem>_code_nll.npy` (per-code NLL in nats), and
@@ -429,7 +558,7 @@ def write_maps(model, prior, paths, run_config, out, healthy, draws=DRAWS, batch
         batch, queue[:] = queue[:count], queue[count:]
         chunk = [data.fit_to_size(image[..., None], size).numpy() for _, image in batch]
         images = np.stack(chunk + [np.zeros_like(chunk[0])] * (batch_size - len(chunk)))
-        found = anomaly_maps(model, healer, images, healthy, draws, seed, kind, mirror)
+        found = anomaly_maps(model, healer, images, healthy, draws, seed, kind, mirror, atlas)
         for i, (entry, _) in enumerate(batch):
             entry["results"].append({key: value[i] for key, value in found.items()})
         while waiting and len(waiting[0]["results"]) == len(waiting[0]["slices"]):
@@ -514,7 +643,8 @@ def map_folder(run_dir, folder, split="test", out=None, draws=DRAWS, quantile=QU
     folder, paths = runs.input_files(folder, split)
     out = out or os.path.join(run_dir, f"anomaly-{os.path.basename(os.path.normpath(folder))}")
     healthy = run_reference(run_dir, prior, quantile)
+    atlas = run_atlas(run_dir, model) if kind == "asymmetry" else None
     print(f"{kind} anomaly maps of {len(paths)} files from {folder}: {draws} healed versions each", flush=True)
-    rows = write_maps(model, prior, paths, config, out, healthy, draws, batch_size, seed, kind)
+    rows = write_maps(model, prior, paths, config, out, healthy, draws, batch_size, seed, kind, atlas)
     print(f"wrote the maps of {len(rows)} files and scores.csv to {out}", flush=True)
     return rows

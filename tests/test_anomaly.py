@@ -104,6 +104,8 @@ def test_anomaly_command_writes_maps_at_each_inputs_size(tmp_path):
     with np.load(os.path.join(run, "anomaly_reference.npz")) as saved:
         assert float(saved["quantile"]) == 0.995
         assert saved["top_mean"].shape == (4, 4) and saved["bottom_spread"].shape == (8, 8)
+    with np.load(os.path.join(run, "anomaly_atlas.npz")) as saved:  # the default map's healthy heads
+        assert saved["boxes"].shape[1] == 4 and len(saved["boxes"]) == len(saved["features"])
     assert not [name for name in os.listdir(out) if name.startswith(".tmp-")]
 
 
@@ -332,6 +334,73 @@ def test_the_side_share_favours_the_place_the_likelihood_map_marks_over_its_mirr
     assert turned.shape == maps.shape and np.all((turned >= 0) & (turned <= 1))
 
 
+def head_at(box, size=64, seed=0):
+    """A synthetic head (`phantom`) stretched onto the (top, bottom, left, right) `box` of a
+    `size` x `size` frame."""
+    image = phantom(size, seed).astype(np.float32)
+    return anomaly.fit_to_box(image, anomaly.head_box(image), np.array(box, np.float32), image.shape)
+
+
+def test_a_head_box_ignores_background_noise_and_fit_to_box_moves_one_head_onto_anothers():
+    image = head_at((10, 50, 14, 46))
+    noisy = image.copy()
+    noisy[2, 60] = 0.9  # a stray bright pixel outside the head
+    np.testing.assert_allclose(anomaly.head_box(noisy), (10, 50, 14, 46), atol=1.5)
+    assert tuple(anomaly.head_box(np.zeros((8, 6)))) == (0, 7, 0, 5)  # no head: the whole slice
+    other = head_at((4, 60, 8, 40))
+    moved = anomaly.fit_to_box(other, anomaly.head_box(other), anomaly.head_box(image), image.shape)
+    np.testing.assert_allclose(anomaly.head_box(moved), anomaly.head_box(image), atol=1.5)
+    assert np.abs(moved - image).mean() < 0.3 * np.abs(other - image).mean()
+
+
+def grid_atlas(images):
+    """An `Atlas` of (N, H, W) healthy slices, each "encoded" as a grid holding its index."""
+    grids = np.repeat(np.arange(len(images)), 4).reshape(len(images), 2, 2)
+    return anomaly.Atlas.from_grids(lambda g: images[g[:, 0, 0], ..., None], grids)
+
+
+def test_the_atlas_finds_the_healthy_heads_most_like_a_slice_and_lays_them_on_it():
+    healthy = np.stack([head_at((8, 56, 12, 52), seed=seed) for seed in range(6)]
+                       + [np.zeros((64, 64), np.float32)] * 2)  # two blank "slices" that must never be chosen
+    atlas = grid_atlas(healthy)
+    assert atlas.boxes.shape == (16, 4) and atlas.features.shape == (16, anomaly.ATLAS_GRID ** 2)
+    query = head_at((4, 60, 18, 46), seed=3)  # slice 3's head, elsewhere and of another shape
+    references = atlas.references(query)
+    assert references.shape == (anomaly.ATLAS_NEIGHBOURS, 64, 64)
+    inside = query > anomaly.FOREGROUND
+    assert np.abs(references[0] - query)[inside].mean() < 0.05  # slice 3 (or its mirror image), laid on it
+    assert atlas.references(np.zeros((64, 64), np.float32)).shape == (0, 64, 64)  # no head, nothing to compare
+
+
+def test_the_atlas_deviation_marks_a_blob_the_healthy_heads_lack():
+    healthy = np.stack([head_at((8, 56, 12, 52), seed=seed) for seed in range(6)])
+    query = head_at((8, 56, 12, 52), seed=7)
+    blob = np.zeros_like(query, bool)
+    blob[24:30, 22:28] = True
+    sick = query.copy()
+    sick[blob] = 1.0
+    found = grid_atlas(healthy).deviation(np.stack([query, sick, np.zeros_like(query)]))
+    assert found[1][blob].mean() > found[0][blob].mean() + 0.1
+    far = (query > anomaly.FOREGROUND) & ~ndimage.binary_dilation(blob, iterations=8)
+    assert found[1][blob].mean() > 3 * found[1][far].mean()
+    np.testing.assert_array_equal(found[2], 0)  # a blank slice
+
+
+def test_run_atlas_is_kept_and_made_again_for_other_training_grids(tmp_path):
+    model = vqvae.VQVAE(num_embeddings=8, latent_dim=4, filters=(8,), num_res_blocks=1)
+    model(np.zeros((1, 16, 16, 1), np.float32))
+    run = str(tmp_path)
+    with pytest.raises(data.DataError, match="codes.npz"):
+        anomaly.run_atlas(run, model)
+    np.savez(os.path.join(run, "codes.npz"), train=np.zeros((3, 8, 8), np.int32))
+    first = anomaly.run_atlas(run, model)
+    assert first.boxes.shape == (6, 4) and os.path.exists(os.path.join(run, "anomaly_atlas.npz"))
+    again = anomaly.run_atlas(run, model)
+    np.testing.assert_array_equal(again.features, first.features)
+    np.savez(os.path.join(run, "codes.npz"), train=np.zeros((5, 8, 8), np.int32))
+    assert anomaly.run_atlas(run, model).boxes.shape == (10, 4)
+
+
 def test_a_lesion_scores_higher_inside_it_than_the_same_slice_without_it():
     """A small VQ-VAE and prior trained on healthy synthetic slices: a bright blob added to
     a slice raises its map inside the blob, and its score."""
@@ -352,9 +421,10 @@ def test_a_lesion_scores_higher_inside_it_than_the_same_slice_without_it():
     sick = clean.copy()
     sick[lesion] = 1.0
     healthy = anomaly.reference(prior, codes, quantile=0.98)
-    for kind in anomaly.MAPS:
+    atlas = anomaly.Atlas.from_grids(model.decode_images, codes)
+    for kind, kept in [(kind, None) for kind in anomaly.MAPS] + [("asymmetry", atlas)]:
         found = anomaly.anomaly_maps(model, anomaly.Healer(prior, 8, 8, 8), np.stack([clean, sick]), healthy,
-                                     draws=4, kind=kind)
+                                     draws=4, kind=kind, atlas=kept)
         maps = found["maps"]
         assert maps[1][lesion].mean() > 2 * maps[0][lesion].mean(), kind
         assert found["scores"][1] > found["scores"][0], kind
