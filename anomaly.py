@@ -25,13 +25,18 @@ as in Pinaya et al. 2022 (Medical Image Analysis) and MONAI's generative tutoria
    moved (`mirror_transform`) and bent (`mirror_field`) onto it (brains are nearly
    left-right symmetric, most lesions are not): |smoothed slice - smoothed mirror|, over
    how much their fine detail still differs around it (`detail_mismatch`: where sulci do not
-   quite meet, an asymmetry means less), times the square root of the likelihood map's
-   `side_share` (its value at each place over the sum of its values there and at the mirror
-   place), which tells the unlikely side of an asymmetry, the lesion's, from its healthy
-   mirror place. Neither cue alone finds lesions well: the asymmetry also marks a lesion's
-   mirror place, the likelihood map whole blocks of healthy tissue; together they are four
-   to five times as precise as the likelihood map on synthetic lesions
-   (`benchmarks/anomaly.py`, README). A lesion on the midline that is itself
+   quite meet, an asymmetry means less), times the square root of a side share: which side
+   of an asymmetry is the lesion's, and which its healthy mirror place. Two judges give it,
+   as a geometric mean (weights 0.3 and 0.7): the likelihood map's `side_share` (its value
+   at each place over the sum of its values there and at the mirror place: the side the
+   prior finds less likely) and the same share of the atlas deviation (`Atlas`: the run's
+   healthy training slices, decoded from their code grids; the few whose heads look most
+   like the slice, stretched onto its head and bent onto it; the side that differs more
+   from them). The atlas deviation also weighs the map a little (fourth root). Neither cue
+   alone finds lesions well: the asymmetry also marks a lesion's mirror place, the
+   likelihood map whole blocks of healthy tissue, the atlas every way one head differs from
+   another; together they are several times as precise as the likelihood map on synthetic
+   lesions (`benchmarks/anomaly.py`, README). A lesion on the midline that is itself
    symmetric is invisible to the asymmetry. "healing" is Pinaya et al.'s map: the difference
    between the slice and its healed version, only where healing changed codes, smoothed.
    A slice's score is the map's 99.9th percentile (what its brightest small region reaches).
@@ -242,8 +247,7 @@ def mirror_transform(image):
         for angle in angles:
             rotated = ndimage.rotate(slice_[:, ::-1], angle, reshape=False, order=1)
             for shift in shifts:
-                moved = ndimage.shift(rotated, (0, shift), order=1)
-                differences[angle, shift] = np.abs(moved - slice_)[inside].mean()
+                differences[angle, shift] = np.abs(shift_columns(rotated, shift) - slice_)[inside].mean()
         return min(differences, key=differences.get)
 
     small = image[::4, ::4]
@@ -253,6 +257,18 @@ def mirror_transform(image):
     angle, shift = best(small, np.arange(-12, 12.1, 1.5), range(-reach, reach + 1))
     angle, shift = best(image, np.arange(angle - 1.5, angle + 1.6, 0.5), np.arange(4 * shift - 4, 4 * shift + 5))
     return float(angle), float(shift)
+
+
+def shift_columns(image, shift):
+    """The (H, W) image moved a whole number of columns to the right (left if `shift` < 0),
+    zeros moved in: `ndimage.shift` by (0, shift) without its interpolation."""
+    shift, moved = int(shift), np.zeros_like(image)
+    if abs(shift) < image.shape[1]:
+        if shift >= 0:
+            moved[:, shift:] = image[:, : image.shape[1] - shift]
+        else:
+            moved[:, :shift] = image[:, -shift:]
+    return moved
 
 
 def mirror_field(image, transform):

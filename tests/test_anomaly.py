@@ -265,6 +265,12 @@ def test_the_aligned_mirror_image_lies_on_a_turned_and_moved_symmetric_slice():
     np.testing.assert_array_equal(anomaly.mirror_field(np.zeros((64, 64), np.float32), (0.0, 0.0)), 0)  # nor a bend
 
 
+@pytest.mark.parametrize("shift", [-70, -5, 0, 3, 70])
+def test_shift_columns_is_ndimage_shift_by_whole_columns(shift):
+    image = phantom(64, 0).astype(np.float32)
+    np.testing.assert_array_equal(anomaly.shift_columns(image, shift), ndimage.shift(image, (0, shift), order=1))
+
+
 def test_the_bent_mirror_image_lies_on_a_slice_whose_halves_differ_but_keeps_a_blob():
     """No two halves of a head are alike: a turn and a shift cannot lay one ventricle on a
     wider one further out, the bend can; a small bright blob in even tissue it cannot make
