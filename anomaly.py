@@ -212,7 +212,8 @@ def anomaly_maps(model, healer, images, healthy, draws=DRAWS, seed=0, kind=MAPS[
             slices = images[..., 0]
             transforms, fields = mirrors(slices)
             share = side_share(maps, transforms, fields)
-            maps = asymmetry(slices, transforms, fields) / (detail_mismatch(slices, transforms, fields) + MISMATCH_FLOOR)
+            mismatch = detail_mismatch(slices, transforms, fields)
+            maps = asymmetry(slices, transforms, fields) / (mismatch + MISMATCH_FLOOR)
             if atlas is not None:  # which side differs from healthy heads like it, and how much
                 deviation = atlas.deviation(slices)
                 share = share ** (1 - ATLAS_SIDE) * side_share(deviation, transforms, fields) ** ATLAS_SIDE
@@ -421,11 +422,11 @@ def fit_to_box(image, box, target_box, shape):
 
 
 class Atlas:
-    """Healthy slices of other people: a run's training code grids (`decode`d by its
-    VQ-VAE: (N, h, w) grids -> (N, H, W, 1) slices; and their mirror images), found by how much their heads look like a slice's
-    (`box_features`), stretched onto its head (`fit_to_box`) and bent onto it
-    (`bend_field`). Where a slice differs from the healthy heads most like it, and more
-    than at its mirror place, it is more likely the lesion's side of an asymmetry."""
+    """Healthy slices of other people: a run's training code grids, `decode`d by its VQ-VAE
+    ((N, h, w) grids -> (N, H, W, 1) slices), and their mirror images; those whose heads look
+    most like a slice's (`box_features`), stretched onto its head (`fit_to_box`) and bent
+    onto it (`bend_field`). Where a slice differs from the healthy heads most like it, and
+    more than at its mirror place, it is more likely the lesion's side of an asymmetry."""
 
     def __init__(self, decode, grids, boxes, features):
         self.decode, self.grids, self.boxes, self.features = decode, grids, boxes, features
@@ -473,6 +474,8 @@ class Atlas:
 def run_atlas(run_dir, model):
     """The `Atlas` of a run's training code grids (RUN/codes.npz), with their head boxes and
     features kept in RUN/anomaly_atlas.npz (made again when the grids change)."""
+    import hashlib
+
     import files
     from data import DataError
 
@@ -480,16 +483,20 @@ def run_atlas(run_dir, model):
     if not os.path.exists(codes_path):
         raise DataError(f"--run {run_dir}: no codes.npz, whose training code grids are the healthy heads compared with")
     with np.load(codes_path) as codes:
+        if "train" not in codes.files:
+            raise DataError(f"--run {run_dir}: codes.npz holds no training code grids (\"train\"), the healthy heads "
+                            f"compared with")
         grids = codes["train"]
+    fingerprint = hashlib.sha1(np.ascontiguousarray(grids).tobytes()).hexdigest()
     path = os.path.join(run_dir, "anomaly_atlas.npz")
     if os.path.exists(path):
         with np.load(path) as saved:
-            if len(saved["boxes"]) == 2 * len(grids) and int(saved["grid"]) == ATLAS_GRID:
+            if str(saved.get("fingerprint", "")) == fingerprint and int(saved["grid"]) == ATLAS_GRID:
                 return Atlas(model.decode_images, grids, saved["boxes"], saved["features"])
     print(f"healthy atlas: the head box and features of each of the {len(grids)} training slices", flush=True)
     atlas = Atlas.from_grids(model.decode_images, grids)
     files.atomic_write(path, lambda temporary: np.savez(temporary, boxes=atlas.boxes, features=atlas.features,
-                                                       grid=ATLAS_GRID))
+                                                       grid=ATLAS_GRID, fingerprint=fingerprint))
     return atlas
 
 

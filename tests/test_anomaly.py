@@ -403,8 +403,14 @@ def test_run_atlas_is_kept_and_made_again_for_other_training_grids(tmp_path):
     assert first.boxes.shape == (6, 4) and os.path.exists(os.path.join(run, "anomaly_atlas.npz"))
     again = anomaly.run_atlas(run, model)
     np.testing.assert_array_equal(again.features, first.features)
+    np.savez(os.path.join(run, "codes.npz"), train=np.ones((3, 8, 8), np.int32))  # as many grids, other codes
+    other = anomaly.run_atlas(run, model)
+    assert not np.array_equal(other.features, first.features)
     np.savez(os.path.join(run, "codes.npz"), train=np.zeros((5, 8, 8), np.int32))
     assert anomaly.run_atlas(run, model).boxes.shape == (10, 4)
+    np.savez(os.path.join(run, "codes.npz"), validate=np.zeros((5, 8, 8), np.int32))
+    with pytest.raises(data.DataError, match="no training code grids"):
+        anomaly.run_atlas(run, model)
 
 
 def test_a_lesion_scores_higher_inside_it_than_the_same_slice_without_it():
