@@ -375,6 +375,7 @@ def test_the_atlas_finds_the_healthy_heads_most_like_a_slice_and_lays_them_on_it
     assert references.shape == (anomaly.ATLAS_NEIGHBOURS, 64, 64)
     inside = query > anomaly.FOREGROUND
     assert np.abs(references[0] - query)[inside].mean() < 0.05  # slice 3 (or its mirror image), laid on it
+    assert all(reference[inside].mean() > 0.5 * query[inside].mean() for reference in references)  # none blank
     assert atlas.references(np.zeros((64, 64), np.float32)).shape == (0, 64, 64)  # no head, nothing to compare
 
 
