@@ -212,8 +212,8 @@ def anomaly_maps(model, healer, images, healthy, draws=DRAWS, seed=0, kind=MAPS[
             slices = images[..., 0]
             transforms, fields = mirrors(slices)
             share = side_share(maps, transforms, fields)
-            mismatch = detail_mismatch(slices, transforms, fields)
-            maps = asymmetry(slices, transforms, fields) / (mismatch + MISMATCH_FLOOR)
+            across = mirror_images(slices, transforms, fields)  # `asymmetry` and `detail_mismatch`, one mirror
+            maps = smoothed_difference(slices, across) / (fine_mismatch(slices - across) + MISMATCH_FLOOR)
             if atlas is not None:  # which side differs from healthy heads like it, and how much
                 deviation = atlas.deviation(slices)
                 share = share ** (1 - ATLAS_SIDE) * side_share(deviation, transforms, fields) ** ATLAS_SIDE
@@ -353,8 +353,13 @@ def asymmetry(images, transforms=None, fields=None):
     images = np.asarray(images, np.float32)
     if transforms is None:
         transforms, fields = mirrors(images)
+    return smoothed_difference(images, mirror_images(images, transforms, fields))
+
+
+def smoothed_difference(images, others):
+    """(B, H, W) |images - others|, both smoothed (sigma SYMMETRY_SMOOTHING of the width)."""
     sigma = SYMMETRY_SMOOTHING * images.shape[2]
-    return np.abs(ndimage.gaussian_filter(images - mirror_images(images, transforms, fields), (0, sigma, sigma)))
+    return np.abs(ndimage.gaussian_filter(images - others, (0, sigma, sigma)))
 
 
 def detail_mismatch(images, transforms, fields=None):
@@ -364,8 +369,12 @@ def detail_mismatch(images, transforms, fields=None):
     edges do not quite meet after the bend it is high, and an asymmetry there means less; a
     lesion's smooth blob adds little to it but its edge."""
     images = np.asarray(images, np.float32)
-    width = images.shape[2]
-    difference = images - mirror_images(images, transforms, fields)
+    return fine_mismatch(images - mirror_images(images, transforms, fields))
+
+
+def fine_mismatch(difference):
+    """`detail_mismatch` of the (B, H, W) slice-minus-mirror `difference`."""
+    width = difference.shape[2]
     detail = difference - ndimage.gaussian_filter(difference, (0, DETAIL_SMOOTHING * width, DETAIL_SMOOTHING * width))
     return np.sqrt(ndimage.gaussian_filter(detail ** 2, (0, DETAIL_WINDOW * width, DETAIL_WINDOW * width)))
 
@@ -460,15 +469,13 @@ class Atlas:
 
     def deviation(self, images):
         """(B, H, W) |slice - the mean of its `references`|, both smoothed like the
-        asymmetry (SYMMETRY_SMOOTHING of the width); zero for a slice with no head."""
+        asymmetry (`smoothed_difference`); zero for a slice with no head."""
         images = np.asarray(images, np.float32)
-        sigma = SYMMETRY_SMOOTHING * images.shape[2]
-        found = np.zeros_like(images)
-        for i, image in enumerate(images):
+        means = []
+        for image in images:
             references = self.references(image)
-            if len(references):
-                found[i] = np.abs(ndimage.gaussian_filter(image - references.mean(axis=0), sigma))
-        return found
+            means.append(references.mean(axis=0) if len(references) else image)  # no head: no deviation
+        return smoothed_difference(images, np.stack(means))
 
 
 def run_atlas(run_dir, model):
