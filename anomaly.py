@@ -83,28 +83,38 @@ SUFFIXES = (".nii.gz", ".nii", ".png", ".jpg", ".jpeg", ".bmp")  # taken off fil
 # Likelihood of each code
 
 
+def level_names(prior):
+    """The levels `level_nll` scores, coarsest first."""
+    return list(prior.names) if isinstance(prior, hierarchy.HierarchicalPrior) else ["bottom"]
+
+
 def level_nll(prior, codes):
     """{level: per-code NLL in nats} of (B, h, w) codes: "bottom" (the codes, given the grid
     above for a hierarchical prior) and, for a hierarchical prior, each coarser level's
     ("top", "middle") given the one above, with its grid under "<level>_codes". A top
-    level that knows slice positions scores each slice at its likeliest position."""
+    level that knows slice positions scores each slice at its likeliest position. Also the
+    prior's own `code_nll` of the codes (slice position unknown) under "code_nll", from the
+    same pass."""
     if isinstance(prior, hierarchy.HierarchicalPrior):
         grids, nlls = prior.level_nll(codes)
         found = {name: nll.numpy() for name, nll in zip(prior.names, nlls)}
         found.update({f"{name}_codes": grid.numpy() for name, grid in zip(prior.names[:-1], grids)})
+        found["code_nll"] = prior.spread_nll(nlls).numpy()
         if prior.position_bins:
             found[prior.names[0]] = likeliest_position_nll(prior, grids[0])
         return found
-    return {"bottom": prior.code_nll(codes).numpy()}
+    nll = prior.code_nll(codes).numpy()
+    return {"bottom": nll, "code_nll": nll}
 
 
 def likeliest_position_nll(prior, top):
     """The top PixelCNN's per-code NLL of (B, h', w') top grids, each at the position bin
     under which its whole grid is likeliest: a slice of unknown level is scored as the
     level it looks most like, not as any level at all."""
-    count = int(tf.shape(top)[0])
-    per_bin = np.stack([prior.networks[0].code_nll((top, tf.fill((count, 1, 1), position))).numpy()
-                        for position in range(1, prior.position_bins + 1)], axis=1)  # class 0 is "unknown"
+    count, bins = int(tf.shape(top)[0]), prior.position_bins
+    positions = tf.repeat(tf.range(1, bins + 1), count)[:, None, None]  # class 0 is "unknown"; one pass for all bins
+    per_bin = prior.networks[0].code_nll((tf.tile(top, (bins, 1, 1)), positions)).numpy()
+    per_bin = per_bin.reshape(bins, count, *per_bin.shape[1:]).swapaxes(0, 1)
     likeliest = per_bin.sum(axis=(2, 3)).argmin(axis=1)
     return per_bin[np.arange(count), likeliest]
 
@@ -115,9 +125,9 @@ def reference(prior, grids, quantile=QUANTILE, batch_size=32):
     SPREAD_FLOOR), "limit": the `quantile` of the z-scores (NLL - mean) / spread}}."""
     values = {}
     for start in range(0, len(grids), batch_size):
-        for level, nll in level_nll(prior, tf.constant(grids[start: start + batch_size])).items():
-            if not level.endswith("_codes"):
-                values.setdefault(level, []).append(nll)
+        found = level_nll(prior, tf.constant(grids[start: start + batch_size]))
+        for level in level_names(prior):
+            values.setdefault(level, []).append(found[level])
     found = {}
     for level, parts in values.items():
         nll = np.concatenate(parts)
@@ -220,8 +230,7 @@ def anomaly_maps(model, healer, images, healthy, draws=DRAWS, seed=0, kind=MAPS[
                 maps = maps * (deviation + ATLAS_FLOOR) ** ATLAS_POWER
             maps = maps * share ** SHARE_POWER
     maps *= head(images[..., 0], model.downsampling)
-    nll = healer.prior.code_nll(tf.constant(codes)).numpy()
-    return {"maps": maps.astype(np.float32), "healed": healed, "nll": nll,
+    return {"maps": maps.astype(np.float32), "healed": healed, "nll": z["code_nll"],
             "scores": np.percentile(maps.reshape(batch, -1), SCORE_PERCENTILE, axis=1),
             "marked": marked.reshape(batch, draws, *codes.shape[1:])[:, 0].mean(axis=(1, 2))}
 

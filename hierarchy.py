@@ -210,7 +210,12 @@ class HierarchicalPrior(keras.Model):
         """(B, h, w) negative log-likelihood in nats per code: the bottom prior's, plus each
         coarser code's spread evenly over its block (at `positions`, if known)."""
         _, nlls = self.level_nll(codes, positions)
-        height, width = tf.shape(codes)[1], tf.shape(codes)[2]
+        return self.spread_nll(nlls)
+
+    def spread_nll(self, nlls):
+        """`code_nll` from `level_nll`'s per-level NLLs: the bottom level's, plus each coarser
+        code's spread evenly over its block."""
+        height, width = tf.shape(nlls[-1])[1], tf.shape(nlls[-1])[2]
         total = nlls[-1]
         for nll, factor in zip(nlls[:-1], self.factors):
             total += self.upsample(nll / self.block_sizes(height, width, factor), height, width, factor)

@@ -154,9 +154,12 @@ def test_a_top_level_that_knows_positions_scores_each_slice_at_its_likeliest_one
     top = prior.top_codes(tf.constant(grids))
     per_bin = [prior.networks[0].code_nll((top, tf.fill((5, 1, 1), position))).numpy() for position in (1, 2, 3)]
     expected = np.stack(per_bin, 1)[np.arange(5), np.stack(per_bin, 1).sum(axis=(2, 3)).argmin(axis=1)]
-    found = anomaly.level_nll(prior, tf.constant(grids))["top"]
+    levels = anomaly.level_nll(prior, tf.constant(grids))
+    found = levels["top"]
     np.testing.assert_allclose(found, expected, rtol=1e-5)
     assert found.sum() <= min(nll.sum() for nll in per_bin) + 1e-3 * found.size
+    # the per-code NLL written beside each map is the prior's own, slice position unknown
+    np.testing.assert_allclose(levels["code_nll"], prior.code_nll(tf.constant(grids)).numpy(), rtol=1e-5)
 
 
 def test_maps_are_zero_outside_the_head():
@@ -176,6 +179,7 @@ def test_reference_scores_each_code_against_healthy_codes_at_its_place():
                                         bottom=dict(filters=4, num_layers=1))
     grids = np.random.default_rng(1).integers(0, 6, (10, 4, 4)).astype(np.int32)
     healthy = anomaly.reference(prior, grids, quantile=0.5)
+    assert sorted(healthy) == ["bottom", "top"]
     _, (top_nll, bottom_nll) = prior.level_nll(tf.constant(grids))
     for level, nll in (("top", top_nll.numpy()), ("bottom", bottom_nll.numpy())):
         stats = healthy[level]
