@@ -32,7 +32,8 @@ as in Pinaya et al. 2022 (Medical Image Analysis) and MONAI's generative tutoria
    prior finds less likely) and the same share of the atlas deviation (`Atlas`: the run's
    healthy training slices, decoded from their code grids; the few whose heads look most
    like the slice, stretched onto its head and bent onto it; the side that differs more
-   from them). The atlas deviation also weighs the map a little (fourth root). Neither cue
+   from them). The atlas deviation also weighs the map a little (fourth root), and the map
+   fades in over the head's outer centimetre (`depth`: scalp and skull). Neither cue
    alone finds lesions well: the asymmetry also marks a lesion's mirror place, the
    likelihood map whole blocks of healthy tissue, the atlas every way one head differs from
    another; together they are several times as precise as the likelihood map on synthetic
@@ -70,11 +71,12 @@ DETAIL_WINDOW = 6 / 256  # `detail_mismatch`: Gaussian window of its root mean s
 MISMATCH_FLOOR = 0.01  # added to `detail_mismatch` before the asymmetry is divided by it
 SHARE_FLOOR = 1e-3  # added to the sum of a place's and its mirror place's likelihood map in `side_share`
 SHARE_POWER = 0.5  # of the side share in the asymmetry map
-ATLAS_NEIGHBOURS = 3  # healthy training slices an `Atlas` compares each slice with
+ATLAS_NEIGHBOURS = 5  # healthy training slices an `Atlas` compares each slice with
 ATLAS_GRID = 32  # `box_features`: a head is compared on a grid this many samples a side
 ATLAS_SIDE = 0.7  # weight of the atlas's side share against the prior's (geometric mean) in the asymmetry map
 ATLAS_POWER = 0.25  # of the atlas deviation (plus ATLAS_FLOOR) in the asymmetry map
 ATLAS_FLOOR = 0.01  # added to the atlas deviation
+SCALP = 10 / 256  # the asymmetry map fades in over this far inside the head's edge (widths): scalp and skull, ~1 cm
 SCORE_PERCENTILE = 99.9  # a slice's score: this percentile of its map
 SUFFIXES = (".nii.gz", ".nii", ".png", ".jpg", ".jpeg", ".bmp")  # taken off file names for output names
 
@@ -196,7 +198,7 @@ def anomaly_maps(model, healer, images, healthy, draws=DRAWS, seed=0, kind=MAPS[
     codes "marked" (B,). With `mirror` (for a prior that learnt mirrored slices too), the
     likelihood map is the mean of the slice's and its mirror image's. The asymmetry map
     also weighs each place by how the slice differs there from the healthy heads of an
-    `atlas` (`run_atlas`), if given."""
+    `atlas` (`run_atlas`), if given, and by its `depth` in the head."""
     batch = len(images)
     codes = model.encode(images + model.shift).numpy()
     z = level_z(healer.prior, tf.constant(codes), healthy)
@@ -228,7 +230,7 @@ def anomaly_maps(model, healer, images, healthy, draws=DRAWS, seed=0, kind=MAPS[
                 deviation = atlas.deviation(slices)
                 share = share ** (1 - ATLAS_SIDE) * side_share(deviation, transforms, fields) ** ATLAS_SIDE
                 maps = maps * (deviation + ATLAS_FLOOR) ** ATLAS_POWER
-            maps = maps * share ** SHARE_POWER
+            maps = maps * share ** SHARE_POWER * depth(slices)
     maps *= head(images[..., 0], model.downsampling)
     return {"maps": maps.astype(np.float32), "healed": healed, "nll": z["code_nll"],
             "scores": np.percentile(maps.reshape(batch, -1), SCORE_PERCENTILE, axis=1),
@@ -341,10 +343,25 @@ def aligned_mirror(image):
     return mirrored(image, transform, mirror_field(image, transform))
 
 
+def each(function, items):
+    """[function(item) for item in items], in order, on a thread for each core this process
+    may use: scipy's filters and interpolation let go of Python's lock, so slices are
+    aligned side by side."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    with ThreadPoolExecutor(cores) as pool:
+        return list(pool.map(function, items))
+
+
 def mirrors(images):
     """Each (H, W) slice's `mirror_transform` and `mirror_field`: ([(angle, shift)], [field])."""
-    transforms = [mirror_transform(image) for image in images]
-    return transforms, [mirror_field(image, transform) for image, transform in zip(images, transforms)]
+    def align(image):
+        transform = mirror_transform(image)
+        return transform, mirror_field(image, transform)
+
+    found = each(align, images)
+    return [transform for transform, _ in found], [field for _, field in found]
 
 
 def mirror_images(images, transforms, fields=None):
@@ -407,6 +424,15 @@ def head(images, margin):
 # Healthy heads of other people
 
 
+def depth(images, scalp=SCALP):
+    """(B, H, W) in [0, 1]: how deep each place of each slice lies inside its head (`head`),
+    rising from 0 at the edge to 1 at `scalp` widths in. The scalp and skull are where a
+    head is least symmetric (ears, jaw, the outline) and brain lesions are not."""
+    inside = head(images, 0)
+    return np.stack([np.minimum(ndimage.distance_transform_edt(mask) / (scalp * mask.shape[1]), 1)
+                     for mask in inside]).astype(np.float32)
+
+
 def head_box(image):
     """(top, bottom, left, right) pixel bounds of the (H, W) slice's head: its largest
     part above FOREGROUND (opened, so that background noise does not widen it); the whole
@@ -464,26 +490,38 @@ class Atlas:
     def references(self, image, count=ATLAS_NEIGHBOURS):
         """(count, H, W): the `count` healthy slices whose heads look most like the (H, W)
         slice's, stretched and bent onto it. Empty for a slice with no head."""
-        if not (image > FOREGROUND).any():
-            return np.zeros((0,) + image.shape, np.float32)
-        box = head_box(image)
-        nearest = np.argsort(((self.features - box_features(image, box)) ** 2).sum(axis=1))[:count]
-        decoded = self.decode(self.grids[nearest // 2])[..., 0]
-        found = []
-        for index, reference in zip(nearest, decoded):
-            reference = reference[:, ::-1] if index % 2 else reference
+        return self.references_of(np.asarray(image, np.float32)[None], count)[0]
+
+    def references_of(self, images, count=ATLAS_NEIGHBOURS, batch_size=32):
+        """`references` of each of (B, H, W) slices: a list of (count, H, W) arrays. The
+        references of all the slices are decoded together and bent onto them side by side."""
+        boxes = [head_box(image) if (image > FOREGROUND).any() else None for image in images]
+        nearest = [np.zeros(0, int) if box is None else
+                   np.argsort(((self.features - box_features(image, box)) ** 2).sum(axis=1))[:count]
+                   for image, box in zip(images, boxes)]
+        wanted = np.unique(np.concatenate(nearest) // 2)  # each training grid decoded once
+        decoded = {}
+        for start in range(0, len(wanted), batch_size):
+            chunk = wanted[start: start + batch_size]
+            decoded.update(zip(chunk, self.decode(self.grids[chunk])[..., 0]))
+
+        def fit(job):
+            image, box, index = job
+            reference = decoded[index // 2][:, ::-1] if index % 2 else decoded[index // 2]
             fitted = fit_to_box(reference, self.boxes[index], box, image.shape)
-            found.append(warp(fitted, bend_field(image, fitted)))
-        return np.stack(found)
+            return warp(fitted, bend_field(image, fitted))
+
+        found = iter(each(fit, [(image, box, index) for image, box, indices in zip(images, boxes, nearest)
+                                for index in indices]))
+        return [np.stack([next(found) for _ in indices]) if len(indices) else np.zeros((0,) + image.shape, np.float32)
+                for image, indices in zip(images, nearest)]
 
     def deviation(self, images):
         """(B, H, W) |slice - the mean of its `references`|, both smoothed like the
         asymmetry (`smoothed_difference`); zero for a slice with no head."""
         images = np.asarray(images, np.float32)
-        means = []
-        for image in images:
-            references = self.references(image)
-            means.append(references.mean(axis=0) if len(references) else image)  # no head: no deviation
+        means = [references.mean(axis=0) if len(references) else image  # no head: no deviation
+                 for image, references in zip(images, self.references_of(images))]
         return smoothed_difference(images, np.stack(means))
 
 

@@ -170,6 +170,18 @@ def test_maps_are_zero_outside_the_head():
     assert inside[0, 6:26, 6:26].all() and inside.sum() == 20 * 20
 
 
+def test_depth_rises_from_the_heads_edge_to_one_a_scalp_inside():
+    images = np.zeros((2, 64, 64), np.float32)
+    images[0, 8:56, 8:56] = 0.5
+    images[0, 20:28, 20:28] = 0.0  # a dark hole inside the head is deep, not an edge
+    found = anomaly.depth(images, scalp=8 / 64)
+    assert found.shape == (2, 64, 64) and found.dtype == np.float32
+    assert (found[0, :8] == 0).all() and (found[1] == 0).all()  # outside the head; a blank slice has none
+    assert found[0, 8, 32] == pytest.approx(1 / 8) and found[0, 11, 32] == pytest.approx(4 / 8)
+    assert (found[0, 16:48, 16:48] == 1).all()  # 8 px (the scalp) or more inside, the hole included
+    assert (np.diff(found[0, 8:16, 32]) > 0).all()
+
+
 def test_the_drivers_map_choices_are_anomalys():
     assert driver.ANOMALY_MAPS == anomaly.MAPS
 
