@@ -40,7 +40,8 @@ as in Pinaya et al. 2022 (Medical Image Analysis) and MONAI's generative tutoria
    lesions (`benchmarks/anomaly.py`, README). A lesion on the midline that is itself
    symmetric is invisible to the asymmetry. "healing" is Pinaya et al.'s map: the difference
    between the slice and its healed version, only where healing changed codes, smoothed.
-   A slice's score is the map's 99.9th percentile (what its brightest small region reaches).
+   A slice's score is how far its map's 99.9th percentile (what its brightest small region
+   reaches) stands above its 99th (`slice_scores`).
 
 `driver.py anomaly` runs this on a folder of files (`write_maps`); `benchmarks/anomaly.py`
 measures it against the reconstruction residual on slices with synthetic lesions.
@@ -77,7 +78,7 @@ ATLAS_SIDE = 0.7  # weight of the atlas's side share against the prior's (geomet
 ATLAS_POWER = 0.25  # of the atlas deviation (plus ATLAS_FLOOR) in the asymmetry map
 ATLAS_FLOOR = 0.01  # added to the atlas deviation
 SCALP = 10 / 256  # the asymmetry map fades in over this far inside the head's edge (widths): scalp and skull, ~1 cm
-SCORE_PERCENTILE = 99.9  # a slice's score: this percentile of its map
+SCORE_PERCENTILES = (99.9, 99)  # a slice's score: the first percentile of its map less the second
 SUFFIXES = (".nii.gz", ".nii", ".png", ".jpg", ".jpeg", ".bmp")  # taken off file names for output names
 
 
@@ -233,8 +234,17 @@ def anomaly_maps(model, healer, images, healthy, draws=DRAWS, seed=0, kind=MAPS[
             maps = maps * share ** SHARE_POWER * depth(slices)
     maps *= head(images[..., 0], model.downsampling)
     return {"maps": maps.astype(np.float32), "healed": healed, "nll": z["code_nll"],
-            "scores": np.percentile(maps.reshape(batch, -1), SCORE_PERCENTILE, axis=1),
+            "scores": slice_scores(maps),
             "marked": marked.reshape(batch, draws, *codes.shape[1:])[:, 0].mean(axis=(1, 2))}
+
+
+def slice_scores(maps):
+    """(B,) scores of (B, H, W) maps: how far each map's brightest small region (its 99.9th
+    percentile, SCORE_PERCENTILES) stands above the rest of its brightest percent (its 99th).
+    A lesion lifts the first far more than the second; a slice whose two halves differ in many
+    places lifts both."""
+    top, rest = np.percentile(np.reshape(maps, (len(maps), -1)), SCORE_PERCENTILES, axis=1)
+    return top - rest
 
 
 def coarse_z_map(model, prior, z, size):

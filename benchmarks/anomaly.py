@@ -213,7 +213,7 @@ def main():
                                                  (0, anomaly.SMOOTHING, anomaly.SMOOTHING)))
     residuals = np.concatenate(residuals)
     residual_seconds = (time.time() - start) / len(images)
-    residual_scores = np.percentile(residuals.reshape(len(images), -1), anomaly.SCORE_PERCENTILE, axis=1)
+    residual_scores = anomaly.slice_scores(residuals)
 
     code_likelihoods(model, runs.load_model(args.run, "pixelcnn.keras"), images, np.stack(clean), masks)
     names = {"asymmetry": "asymmetry, side share (default)", "likelihood": "prior likelihood",

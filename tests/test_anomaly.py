@@ -182,6 +182,16 @@ def test_depth_rises_from_the_heads_edge_to_one_a_scalp_inside():
     assert (np.diff(found[0, 8:16, 32]) > 0).all()
 
 
+def test_a_slice_scores_by_how_far_its_brightest_spot_stands_above_the_rest_of_its_map():
+    maps = np.full((2, 100, 100), 0.1, np.float32)
+    maps[:, :5, :5] = 1.0  # the same bright spot (25 px)
+    maps[1, 50:, :6] = 0.8  # and, in the second, 300 px of lesser marks: the spot stands out less
+    scores = anomaly.slice_scores(maps)
+    assert scores.shape == (2,)
+    assert scores[0] == pytest.approx(0.9) and scores[1] == pytest.approx(0.2)
+    np.testing.assert_allclose(anomaly.slice_scores(3 * maps), 3 * scores, rtol=1e-6)
+
+
 def test_the_drivers_map_choices_are_anomalys():
     assert driver.ANOMALY_MAPS == anomaly.MAPS
 
