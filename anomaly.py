@@ -430,10 +430,6 @@ def head(images, margin):
     return ndimage.binary_dilation(inside, np.ones((1, 2 * margin + 1, 2 * margin + 1), bool))
 
 
-# ---------------------------------------------------------------------------
-# Healthy heads of other people
-
-
 def depth(images, scalp=SCALP):
     """(B, H, W) in [0, 1]: how deep each place of each slice lies inside its head (`head`),
     rising from 0 at the edge to 1 at `scalp` widths in. The scalp and skull are where a
@@ -441,6 +437,10 @@ def depth(images, scalp=SCALP):
     inside = head(images, 0)
     return np.stack([np.minimum(ndimage.distance_transform_edt(mask) / (scalp * mask.shape[1]), 1)
                      for mask in inside]).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------
+# Healthy heads of other people
 
 
 def head_box(image):
