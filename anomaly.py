@@ -252,7 +252,7 @@ def coarse_z_map(model, prior, z, size):
     code stands for: a (B, H, W) map at the slices' `size`, and the side in pixels of a
     code's block."""
     hierarchical = isinstance(prior, hierarchy.HierarchicalPrior)
-    level = prior.names[0] if hierarchical else "bottom"
+    level = level_names(prior)[0]
     scale = model.downsampling * (prior.factors[0] if hierarchical else 1)  # pixels per code along a side
     return hierarchy.HierarchicalPrior.upsample(z[level].astype(np.float32), *size, scale).numpy(), scale
 

@@ -111,7 +111,6 @@ def code_likelihoods(model, prior, images, clean, masks):
     import tensorflow as tf
 
     import anomaly
-    import hierarchy
 
     heads = np.stack([head_mask(image) for image in images])
     levels = {}
@@ -122,7 +121,7 @@ def code_likelihoods(model, prior, images, clean, masks):
         levels[name] = {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
         levels[name]["codes"] = codes
     grid_key = lambda level: "codes" if level == "bottom" else f"{level}_codes"  # noqa: E731
-    names = prior.names if isinstance(prior, hierarchy.HierarchicalPrior) else ["bottom"]
+    names = anomaly.level_names(prior)
     for index, level in enumerate(names):
         changed = levels["lesions"][grid_key(level)] != levels["clean"][grid_key(level)]
         nll = levels["lesions"][level]
