@@ -21,23 +21,26 @@ as in Pinaya et al. 2022 (Medical Image Analysis) and MONAI's generative tutoria
    hierarchical prior), spread over the pixels each code stands for, averaged with those of
    the slice's mirror image (mirrored back) when the prior learnt mirrored slices too, above
    zero and smoothed. It knows which 16-pixel blocks are unusual, not which pixels. The
-   default ("asymmetry") looks where the slice differs from its own mirror image, turned,
-   moved (`mirror_transform`) and bent (`mirror_field`) onto it (brains are nearly
-   left-right symmetric, most lesions are not): |smoothed slice - smoothed mirror|, over
-   how much their fine detail still differs around it (`detail_mismatch`: where sulci do not
-   quite meet, an asymmetry means less), times the square root of a side share: which side
-   of an asymmetry is the lesion's, and which its healthy mirror place. Two judges give it,
-   as a geometric mean (weights 0.3 and 0.7): the likelihood map's `side_share` (its value
-   at each place over the sum of its values there and at the mirror place: the side the
-   prior finds less likely) and the same share of the atlas deviation (`Atlas`: the run's
-   healthy training slices, decoded from their code grids; the few whose heads look most
-   like the slice, stretched onto its head and bent onto it; the side that differs more
-   from them). The atlas deviation also weighs the map a little (fourth root), and the map
-   fades in over the head's outer centimetre (`depth`: scalp and skull). Neither cue
-   alone finds lesions well: the asymmetry also marks a lesion's mirror place, the
-   likelihood map whole blocks of healthy tissue, the atlas every way one head differs from
-   another; together they are several times as precise as the likelihood map on synthetic
-   lesions (`benchmarks/anomaly.py`, README). A lesion on the midline that is itself
+   default ("asymmetry") asks how the slice departs from what healthy tissue would look like
+   there (`healthy_estimate`): its own mirror image, turned, moved (`mirror_transform`) and
+   bent (`mirror_field`) onto it (brains are nearly left-right symmetric, most lesions are
+   not), and the healthy heads most like it (`Atlas`: the run's healthy training slices,
+   decoded from their code grids, stretched onto its head and bent onto it), mixed at each
+   place with the weights and offset that fit the slice best over a window wider than a
+   lesion, so that a brighter half, another contrast or a better-matching head is followed
+   and a lesion is not. The map is |smoothed slice - smoothed estimate| over how much their
+   fine detail still differs around it (`detail_mismatch`: where sulci do not quite meet, a
+   difference means less), times the square root of a side share: which side of an
+   asymmetry is the lesion's, and which its healthy mirror place. Two judges give it, as a
+   geometric mean (weights 0.3 and 0.7): the likelihood map's `side_share` (its value at
+   each place over the sum of its values there and at the mirror place: the side the prior
+   finds less likely) and the same share of the atlas deviation (|slice - the healthy
+   heads' mean|: the side that differs more from them). Last, the map fades in over the
+   head's outer centimetre (`depth`: scalp and skull). Neither cue alone finds lesions well:
+   the asymmetry also marks a lesion's mirror place, the likelihood map whole blocks of
+   healthy tissue, the atlas every way one head differs from another; together they are
+   several times as precise as the likelihood map on synthetic lesions
+   (`benchmarks/anomaly.py`, README). A lesion on the midline that is itself
    symmetric is invisible to the asymmetry. "healing" is Pinaya et al.'s map: the difference
    between the slice and its healed version, only where healing changed codes, smoothed.
    A slice's score is how far its map's 99.9th percentile (what its brightest small region
@@ -70,13 +73,14 @@ BEND_SMOOTHING = 4 / 256  # Gaussian sigma of `mirror_field`'s displacement afte
 DETAIL_SMOOTHING = 2 / 256  # `detail_mismatch`: the slice-minus-mirror difference less itself smoothed this much (widths)
 DETAIL_WINDOW = 6 / 256  # `detail_mismatch`: Gaussian window of its root mean square, in widths
 MISMATCH_FLOOR = 0.01  # added to `detail_mismatch` before the asymmetry is divided by it
+FIT_WINDOW = 20 / 256  # `healthy_estimate`: Gaussian window of each place's fit, in widths (wider than a lesion)
+FIT_RIDGE = 0.003  # `healthy_estimate`: how firmly each place's weights are held to MIRROR_WEIGHT's split
+MIRROR_WEIGHT = 0.5  # `healthy_estimate`'s weight held for the mirror image; the healthy heads share the rest
 SHARE_FLOOR = 1e-3  # added to the sum of a place's and its mirror place's likelihood map in `side_share`
 SHARE_POWER = 0.5  # of the side share in the asymmetry map
 ATLAS_NEIGHBOURS = 5  # healthy training slices an `Atlas` compares each slice with
 ATLAS_GRID = 32  # `box_features`: a head is compared on a grid this many samples a side
 ATLAS_SIDE = 0.7  # weight of the atlas's side share against the prior's (geometric mean) in the asymmetry map
-ATLAS_POWER = 0.25  # of the atlas deviation (plus ATLAS_FLOOR) in the asymmetry map
-ATLAS_FLOOR = 0.01  # added to the atlas deviation
 SCALP = 10 / 256  # the asymmetry map fades in over this far inside the head's edge (widths): scalp and skull, ~1 cm
 SCORE_PERCENTILES = (99.9, 99)  # a slice's score: the first percentile of its map less the second
 SUFFIXES = (".nii.gz", ".nii", ".png", ".jpg", ".jpeg", ".bmp")  # taken off file names for output names
@@ -198,8 +202,8 @@ def anomaly_maps(model, healer, images, healthy, draws=DRAWS, seed=0, kind=MAPS[
     "healed" (B, H, W) slices, "scores" (B,), per-code "nll" (B, h, w) and the share of
     codes "marked" (B,). With `mirror` (for a prior that learnt mirrored slices too), the
     likelihood map is the mean of the slice's and its mirror image's. The asymmetry map
-    also weighs each place by how the slice differs there from the healthy heads of an
-    `atlas` (`run_atlas`), if given, and by its `depth` in the head."""
+    (`asymmetry_map`) also compares each slice with the healthy heads of an `atlas`
+    (`run_atlas`), if given."""
     batch = len(images)
     codes = model.encode(images + model.shift).numpy()
     z = level_z(healer.prior, tf.constant(codes), healthy)
@@ -222,20 +226,32 @@ def anomaly_maps(model, healer, images, healthy, draws=DRAWS, seed=0, kind=MAPS[
             maps = (maps + coarse_z_map(model, healer.prior, mirrored, images.shape[1:3])[0][:, :, ::-1]) / 2
         maps = ndimage.gaussian_filter(np.maximum(maps, 0), (0, block / 4, block / 4))
         if kind == "asymmetry":
-            slices = images[..., 0]
-            transforms, fields = mirrors(slices)
-            share = side_share(maps, transforms, fields)
-            across = mirror_images(slices, transforms, fields)  # `asymmetry` and `detail_mismatch`, one mirror
-            maps = smoothed_difference(slices, across) / (fine_mismatch(slices - across) + MISMATCH_FLOOR)
-            if atlas is not None:  # which side differs from healthy heads like it, and how much
-                deviation = atlas.deviation(slices)
-                share = share ** (1 - ATLAS_SIDE) * side_share(deviation, transforms, fields) ** ATLAS_SIDE
-                maps = maps * (deviation + ATLAS_FLOOR) ** ATLAS_POWER
-            maps = maps * share ** SHARE_POWER * depth(slices)
+            maps = asymmetry_map(images[..., 0], maps, atlas)
     maps *= head(images[..., 0], model.downsampling)
     return {"maps": maps.astype(np.float32), "healed": healed, "nll": z["code_nll"],
             "scores": slice_scores(maps),
             "marked": marked.reshape(batch, draws, *codes.shape[1:])[:, 0].mean(axis=(1, 2))}
+
+
+def asymmetry_map(slices, likelihood, atlas=None):
+    """The default map of (B, H, W) slices in [0, 1], given their likelihood maps: how far
+    each slice departs from its `healthy_estimate` (from its bent mirror image and, with an
+    `atlas`, the healthy heads most like it), smoothed, over the fine mismatch around it;
+    times the square root of the side share (the likelihood map's and, with an atlas, the
+    atlas deviation's: which side of an asymmetry is the lesion's), faded in over the scalp
+    (`depth`)."""
+    transforms, fields = mirrors(slices)
+    share = side_share(likelihood, transforms, fields)
+    candidates = mirror_images(slices, transforms, fields)[:, None]  # (B, 1, H, W): each slice's mirror image
+    if atlas is not None:  # healthy heads like it; which side differs from them
+        references = atlas.references_of(slices)
+        deviation = atlas.deviation(slices, references)
+        share = share ** (1 - ATLAS_SIDE) * side_share(deviation, transforms, fields) ** ATLAS_SIDE
+        candidates = [np.concatenate([mirror, found]) for mirror, found in zip(candidates, references)]
+    expected = np.stack(each(lambda pair: healthy_estimate(*pair, candidate_weights(len(pair[1]))),
+                             list(zip(slices, candidates))))
+    maps = smoothed_difference(slices, expected) / (fine_mismatch(slices - expected) + MISMATCH_FLOOR)
+    return maps * share ** SHARE_POWER * depth(slices)
 
 
 def slice_scores(maps):
@@ -415,6 +431,40 @@ def fine_mismatch(difference):
     return np.sqrt(ndimage.gaussian_filter(detail ** 2, (0, DETAIL_WINDOW * width, DETAIL_WINDOW * width)))
 
 
+def healthy_estimate(image, candidates, weights, window=FIT_WINDOW, ridge=FIT_RIDGE):
+    """The (H, W) slice as each place's own mix of (K, H, W) healthy `candidates` bent onto it
+    (its mirror image, healthy heads): at every place, the weights of the candidates and the
+    offset that fit the slice best over a Gaussian window wider than a lesion (`window` of
+    the width; least squares, the weights held towards `weights` by `ridge`), applied there.
+    Where the slice is brighter, darker or of other contrast than a candidate, or one
+    candidate fits better than another, the fit follows; a lesion fills too little of the
+    window to be fitted, so what the estimate shows there is the healthy tissue around it."""
+    image, candidates = np.asarray(image, np.float32), np.asarray(candidates, np.float32)
+    count = len(candidates)
+    local = lambda x: ndimage.gaussian_filter(x, window * image.shape[1])  # noqa: E731
+    means = np.stack([local(candidate) for candidate in candidates], axis=-1)  # (H, W, K)
+    covariance = np.empty(image.shape + (count, count), np.float32)
+    for i in range(count):
+        for j in range(i, count):
+            covariance[..., i, j] = covariance[..., j, i] = (local(candidates[i] * candidates[j])
+                                                             - means[..., i] * means[..., j])
+    mean = local(image)
+    with_image = np.stack([local(candidate * image) for candidate in candidates], axis=-1) - means * mean[..., None]
+    held = np.asarray(weights, np.float32)
+    fitted = np.linalg.solve(covariance + ridge * np.eye(count, dtype=np.float32),
+                             (with_image + ridge * held)[..., None])[..., 0]
+    offset = mean - (fitted * means).sum(axis=-1)
+    return (fitted * np.moveaxis(candidates, 0, -1)).sum(axis=-1) + offset
+
+
+def candidate_weights(count):
+    """The weights `healthy_estimate` holds `count` candidates to: MIRROR_WEIGHT for the first
+    (the mirror image), the rest shared evenly by the others (healthy heads)."""
+    if count == 1:
+        return np.ones(1, np.float32)
+    return np.array([MIRROR_WEIGHT] + [(1 - MIRROR_WEIGHT) / (count - 1)] * (count - 1), np.float32)
+
+
 def side_share(maps, transforms, fields=None):
     """(B, H, W) likelihood maps -> each place's share of its value and its mirror place's
     (`mirrored` by each slice's `mirror_transform` and `mirror_field`): above a half on the
@@ -526,12 +576,14 @@ class Atlas:
         return [np.stack([next(found) for _ in indices]) if len(indices) else np.zeros((0,) + image.shape, np.float32)
                 for image, indices in zip(images, nearest)]
 
-    def deviation(self, images):
+    def deviation(self, images, references=None):
         """(B, H, W) |slice - the mean of its `references`|, both smoothed like the
-        asymmetry (`smoothed_difference`); zero for a slice with no head."""
+        asymmetry (`smoothed_difference`); zero for a slice with no head. `references`: the
+        slices' `references_of`, if already found."""
         images = np.asarray(images, np.float32)
-        means = [references.mean(axis=0) if len(references) else image  # no head: no deviation
-                 for image, references in zip(images, self.references_of(images))]
+        references = self.references_of(images) if references is None else references
+        means = [found.mean(axis=0) if len(found) else image  # no head: no deviation
+                 for image, found in zip(images, references)]
         return smoothed_difference(images, np.stack(means))
 
 

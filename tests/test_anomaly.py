@@ -351,6 +351,40 @@ def test_detail_mismatch_is_high_where_fine_detail_differs_and_low_inside_a_smoo
     np.testing.assert_array_equal(anomaly.detail_mismatch(np.zeros((1, 64, 64), np.float32), transforms), 0)
 
 
+def textured_head(size=96, seed=0):
+    """A smooth random texture inside an ellipse: a head whose tissue varies from place to place."""
+    y, x = np.mgrid[:size, :size] - (size - 1) / 2
+    texture = ndimage.gaussian_filter(np.random.default_rng(seed).normal(size=(size, size)), 3)
+    return ((0.5 + 2 * texture) * ((x / (0.4 * size)) ** 2 + (y / (0.45 * size)) ** 2 < 1)).astype(np.float32)
+
+
+def test_the_healthy_estimate_follows_a_candidate_of_other_brightness_and_keeps_a_lesion_out():
+    """Each place's fit takes a candidate brighter, darker or of other contrast for what it
+    is, and prefers the candidate that looks like the slice; a blob much smaller than the
+    window is left out of the estimate, so slice - estimate is the blob."""
+    image = textured_head()
+    other = textured_head(seed=1)  # another head: no help
+    candidates = np.stack([0.6 * image + 0.2, other])
+    expected = anomaly.healthy_estimate(image, candidates, anomaly.candidate_weights(2))
+    inside = image > 0.1
+    assert np.abs(expected - image)[inside].mean() < 0.1 * np.abs(other - image)[inside].mean()
+    y, x = np.mgrid[:96, :96]
+    blob = 0.4 * np.exp(-((y - 40) ** 2 + (x - 55) ** 2) / (2 * 3 ** 2))
+    sick = image + blob.astype(np.float32)
+    residual = sick - anomaly.healthy_estimate(sick, candidates, anomaly.candidate_weights(2))
+    assert residual[40, 55] > 0.6 * blob[40, 55]
+    assert np.abs(residual)[inside & (blob < 0.01)].mean() < 0.1 * residual[40, 55]
+    flat = anomaly.healthy_estimate(np.zeros((32, 32), np.float32), np.zeros((1, 32, 32), np.float32), [1.0])
+    np.testing.assert_array_equal(flat, 0)  # a blank slice and its blank mirror image: nothing
+
+
+def test_candidate_weights_hold_the_mirror_image_to_its_weight_and_share_the_rest():
+    np.testing.assert_allclose(anomaly.candidate_weights(1), [1.0])
+    weights = anomaly.candidate_weights(6)
+    assert weights[0] == anomaly.MIRROR_WEIGHT and np.allclose(weights[1:], (1 - anomaly.MIRROR_WEIGHT) / 5)
+    assert np.isclose(weights.sum(), 1)
+
+
 def test_the_side_share_favours_the_place_the_likelihood_map_marks_over_its_mirror_place():
     """An asymmetry marks a lesion and its healthy mirror place alike; the likelihood map's
     share of the two tells them apart: near 1 where only the lesion's side is unlikely,
@@ -442,7 +476,9 @@ def test_run_atlas_is_kept_and_made_again_for_other_training_grids(tmp_path):
 
 def test_a_lesion_scores_higher_inside_it_than_the_same_slice_without_it():
     """A small VQ-VAE and prior trained on healthy synthetic slices: a bright blob added to
-    a slice raises its map inside the blob, and its score."""
+    a slice raises its map inside the blob, and its score. The blob is 3 px of 32, as wide as
+    a lesion of radius 12 px at 256 (the benchmark's are 3-15 px): the asymmetry map's fit
+    window (`FIT_WINDOW`) is wider than a lesion, not than a sixth of the slice."""
     keras.utils.set_random_seed(0)
     healthy = np.stack([phantom(32, seed) for seed in range(48)])[..., None].astype(np.float32)
     model = vqvae.VQVAE(num_embeddings=16, latent_dim=4, filters=(8, 16), num_res_blocks=1)
@@ -456,7 +492,7 @@ def test_a_lesion_scores_higher_inside_it_than_the_same_slice_without_it():
 
     clean = phantom(32, 100)[..., None].astype(np.float32)
     lesion = np.zeros((32, 32), bool)
-    lesion[12:18, 12:18] = True
+    lesion[12:15, 12:15] = True
     sick = clean.copy()
     sick[lesion] = 1.0
     healthy = anomaly.reference(prior, codes, quantile=0.98)
