@@ -187,9 +187,10 @@ ANOMALY = ("anomaly", "Anomaly maps of every slice in a folder, from a run train
                ("--split", str, "test", "split to use when --data has split folders"),
                ("--out", str, None, "output folder (default: RUN/anomaly-<folder name>)"),
                ("--draws", int, 4, "healed versions averaged per slice"),
-               ("--map", str, "asymmetry", "asymmetry (the likelihood map where the slice differs from its mirror "
-                                            "image), likelihood (the top level's z-scores) or healing (|slice - healed "
-                                            "slice| where healing changed codes)"),
+               ("--map", str, "asymmetry", "asymmetry (where the slice differs from its mirror image and the healthy "
+                                            "training heads most like it, on the side the prior finds less likely), "
+                                            "likelihood (the top level's z-scores) or healing (|slice - healed slice| "
+                                            "where healing changed codes)"),
                ("--quantile", float, 0.995, "redraw the codes whose z-score is above this quantile of the validation's"),
                ("--batch-size", int, 16, "slices healed at once (from one file or several)"),
                ("--seed", int, 0, "random seed")])
