@@ -29,7 +29,7 @@ as in Pinaya et al. 2022 (Medical Image Analysis) and MONAI's generative tutoria
    place with the weights and offset that fit the slice best over a window wider than a
    lesion, so that a brighter half, another contrast or a better-matching head is followed
    and a lesion is not. The map is |smoothed slice - smoothed estimate| over how much their
-   fine detail still differs around it (`detail_mismatch`: where sulci do not quite meet, a
+   fine detail still differs around it (`fine_mismatch`: where sulci do not quite meet, a
    difference means less), times the square root of a side share: which side of an
    asymmetry is the lesion's, and which its healthy mirror place. Two judges give it, as a
    geometric mean (weights 0.3 and 0.7): the likelihood map's `side_share` (its value at
@@ -425,7 +425,8 @@ def detail_mismatch(images, transforms, fields=None):
 
 
 def fine_mismatch(difference):
-    """`detail_mismatch` of the (B, H, W) slice-minus-mirror `difference`."""
+    """`detail_mismatch` of a (B, H, W) `difference`: a slice less its mirror image, or less
+    its `healthy_estimate` (the asymmetry map)."""
     width = difference.shape[2]
     detail = difference - ndimage.gaussian_filter(difference, (0, DETAIL_SMOOTHING * width, DETAIL_SMOOTHING * width))
     return np.sqrt(ndimage.gaussian_filter(detail ** 2, (0, DETAIL_WINDOW * width, DETAIL_WINDOW * width)))
