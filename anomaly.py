@@ -68,6 +68,7 @@ MAPS = ("asymmetry", "likelihood", "healing")  # what `anomaly_maps` returns as 
 SMOOTHING = 2.0  # Gaussian sigma of the healing map, in pixels; the likelihood map's is a quarter of a code's block
 SYMMETRY_SMOOTHING = 6 / 256  # Gaussian sigma of the slice and its mirror image before they are compared, in widths
 BEND_STEPS = 100  # demons steps of `mirror_field`, on a 2x smaller slice
+ATLAS_BEND_STEPS = 50  # demons steps that bend an `Atlas` head onto a slice (as good as 100 there, and half the time)
 BEND_BLUR = 3 / 256  # Gaussian sigma of the slice and its mirror image before `mirror_field` compares them, in widths
 BEND_SMOOTHING = 4 / 256  # Gaussian sigma of `mirror_field`'s displacement after each step, in widths: how stiff it is
 DETAIL_SMOOTHING = 2 / 256  # `fine_mismatch`: the difference less itself smoothed this much (widths)
@@ -320,10 +321,10 @@ def mirror_field(image, transform):
     return bend_field(image, mirrored(image, transform))
 
 
-def bend_field(fixed, moving):
+def bend_field(fixed, moving, steps=BEND_STEPS):
     """(2, H, W) displacement, in pixels (rows, columns), that bends the (H, W) image
     `moving` onto `fixed` (`warp(moving, field)` lies on it). Thirion's demons, on both
-    blurred and 2x smaller: each of BEND_STEPS steps moves every pixel along the bent
+    blurred and 2x smaller: each of `steps` steps moves every pixel along the bent
     image's gradient by their difference, then smooths the displacement (BEND_SMOOTHING of
     the width), so it stays too stiff to make a blob in even tissue vanish (one against a
     structure as bright on the other image may be partly filled by it)."""
@@ -332,7 +333,7 @@ def bend_field(fixed, moving):
     blur = lambda x: ndimage.gaussian_filter(x, BEND_BLUR * width)[::2, ::2]  # noqa: E731
     small_fixed, small_moving = blur(fixed), blur(moving)
     small = np.zeros((2,) + small_fixed.shape, np.float32)
-    for _ in range(BEND_STEPS):
+    for _ in range(steps):
         bent = warp(small_moving, small)
         difference = bent - small_fixed
         gradient = np.stack(np.gradient(bent))
@@ -439,12 +440,14 @@ def healthy_estimate(image, candidates, weights, window=FIT_WINDOW, ridge=FIT_RI
     the width; least squares, the weights held towards `weights` by `ridge`), applied there.
     Where the slice is brighter, darker or of other contrast than a candidate, or one
     candidate fits better than another, the fit follows; a lesion fills too little of the
-    window to be fitted, so what the estimate shows there is the healthy tissue around it."""
+    window to be fitted, so what the estimate shows there is the healthy tissue around it.
+    The weights change slowly, so they are fitted on 2x2 block means and spread back."""
     image, candidates = np.asarray(image, np.float32), np.asarray(candidates, np.float32)
     count = len(candidates)
-    local = lambda x: ndimage.gaussian_filter(x, window * image.shape[1])  # noqa: E731
-    means = np.stack([local(candidate) for candidate in candidates], axis=-1)  # (H, W, K)
-    covariance = np.empty(image.shape + (count, count), np.float32)
+    sigma = window * image.shape[1] / 2
+    local = lambda x: ndimage.gaussian_filter(halved(x), sigma)  # noqa: E731
+    means = np.stack([local(candidate) for candidate in candidates], axis=-1)  # (H/2, W/2, K)
+    covariance = np.empty(means.shape + (count,), np.float32)
     for i in range(count):
         for j in range(i, count):
             covariance[..., i, j] = covariance[..., j, i] = (local(candidates[i] * candidates[j])
@@ -455,7 +458,23 @@ def healthy_estimate(image, candidates, weights, window=FIT_WINDOW, ridge=FIT_RI
     fitted = np.linalg.solve(covariance + ridge * np.eye(count, dtype=np.float32),
                              (with_image + ridge * held)[..., None])[..., 0]
     offset = mean - (fitted * means).sum(axis=-1)
-    return (fitted * np.moveaxis(candidates, 0, -1)).sum(axis=-1) + offset
+    spread = lambda x: doubled(x, image.shape)  # noqa: E731
+    return sum(spread(fitted[..., i]) * candidates[i] for i in range(count)) + spread(offset)
+
+
+def halved(image):
+    """The (H, W) image's 2x2 block means, (ceil(H / 2), ceil(W / 2)) (an odd last row or
+    column repeated)."""
+    rows, columns = image.shape
+    padded = np.pad(image, ((0, rows % 2), (0, columns % 2)), mode="edge")
+    return padded.reshape(padded.shape[0] // 2, 2, padded.shape[1] // 2, 2).mean(axis=(1, 3))
+
+
+def doubled(image, shape):
+    """A `halved` image spread back to `shape`, each block's value at its centre and linear
+    between."""
+    zoomed = ndimage.zoom(image, 2, order=1, grid_mode=True, mode="nearest")
+    return zoomed[: shape[0], : shape[1]]
 
 
 def candidate_weights(count):
@@ -570,7 +589,7 @@ class Atlas:
             image, box, index = job
             reference = decoded[index // 2][:, ::-1] if index % 2 else decoded[index // 2]
             fitted = fit_to_box(reference, self.boxes[index], box, image.shape)
-            return warp(fitted, bend_field(image, fitted))
+            return warp(fitted, bend_field(image, fitted, ATLAS_BEND_STEPS))
 
         found = iter(each(fit, [(image, box, index) for image, box, indices in zip(images, boxes, nearest)
                                 for index in indices]))

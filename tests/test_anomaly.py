@@ -378,6 +378,25 @@ def test_the_healthy_estimate_follows_a_candidate_of_other_brightness_and_keeps_
     np.testing.assert_array_equal(flat, 0)  # a blank slice and its blank mirror image: nothing
 
 
+def test_the_fit_at_half_size_spreads_back_to_any_size():
+    """`healthy_estimate` fits its weights on 2x2 block means (`halved`) and spreads them
+    back (`doubled`): a smooth ramp comes back as it was, odd sizes included."""
+    rows, columns = np.mgrid[:31, :33].astype(np.float32)
+    ramp = 0.02 * rows + 0.01 * columns
+    halved = anomaly.halved(ramp)
+    assert halved.shape == (16, 17)
+    assert np.isclose(halved[0, 0], ramp[:2, :2].mean()) and np.isclose(halved[-1, -1], ramp[30, 32])
+    back = anomaly.doubled(halved, ramp.shape)
+    assert back.shape == ramp.shape
+    np.testing.assert_allclose(back[1:-2, 1:-2], ramp[1:-2, 1:-2], atol=1e-5)  # inside: linear is exact
+    image = textured_head(size=33)[:31]
+    expected = anomaly.healthy_estimate(image, np.stack([0.5 * image + 0.1]), [1.0])
+    assert expected.shape == image.shape
+    inside = image > 0.1
+    candidate_error = np.abs(0.5 * image + 0.1 - image)[inside].mean()
+    assert np.abs(expected - image)[inside].mean() < 0.2 * candidate_error  # its contrast and offset: found
+
+
 def test_candidate_weights_hold_the_mirror_image_to_its_weight_and_share_the_rest():
     np.testing.assert_allclose(anomaly.candidate_weights(1), [1.0])
     weights = anomaly.candidate_weights(6)
