@@ -654,7 +654,8 @@ def to_input_size(image, shape, size):
 def file_slices(path, slice_axis=-1, volume_index=0):
     """The [0, 1] 2D slices of an image file as the run reads them (a PNG gives one, a
     NIfTI file one per slice), and how to write a map of the file: (nibabel affine or
-    None, slice axis or None for a 2D file)."""
+    None, slice axis or None for a 2D file). A NIfTI slice stored as (H, W, 1) is a volume
+    of one slice along its third axis, so that its map has the file's shape."""
     import data
 
     if data.is_png(path):
@@ -662,7 +663,12 @@ def file_slices(path, slice_axis=-1, volume_index=0):
     import nibabel
 
     slices = data.nifti_slices(path, slice_axis, volume_index)
-    return slices, (nibabel.load(path).affine, slice_axis if len(slices) > 1 else None)
+    image = nibabel.load(path)
+    if len(slices) > 1:
+        axis = slice_axis
+    else:  # (H, W, 1), or a series of such volumes: the map keeps the singleton axis
+        axis = 2 if len(image.shape) >= 3 and image.shape[2] == 1 else None
+    return slices, (image.affine, axis)
 
 
 def stem(path):

@@ -83,12 +83,13 @@ def test_anomaly_command_writes_maps_at_each_inputs_size(tmp_path):
     write_png(str(inputs / "case_001_slice_3.nii.png"), phantom(40, 1)[:, :24])
     write_nifti(str(inputs / "slice.nii.gz"), (phantom(36, 2)[:, :28] * 900).astype(np.int16))
     write_nifti(str(inputs / "volume.nii"), np.random.default_rng(3).uniform(0, 500, (20, 16, 3)))
+    write_nifti(str(inputs / "thin.nii.gz"), (phantom(30, 4)[:, :20, None] * 700).astype(np.int16))  # (H, W, 1)
     (inputs / "broken.nii.gz").write_bytes(b"not a nifti file")
     out = str(tmp_path / "maps")
     rows = driver.main(["anomaly", "--run", run, "--data", str(inputs), "--out", out, "--draws", "2",
                         "--batch-size", "2"])
-    assert [name for name, _ in rows] == ["case_001_slice_3.nii.png", "slice.nii.gz", "volume.nii"]
-    shapes = {"case_001_slice_3": (40, 24), "slice": (36, 28), "volume": (20, 16, 3)}
+    assert [name for name, _ in rows] == ["case_001_slice_3.nii.png", "slice.nii.gz", "thin.nii.gz", "volume.nii"]
+    shapes = {"case_001_slice_3": (40, 24), "slice": (36, 28), "volume": (20, 16, 3), "thin": (30, 20, 1)}
     for stem, shape in shapes.items():
         image = nibabel.load(os.path.join(out, f"{stem}_anomaly.nii.gz"))
         assert image.shape == shape and image.get_data_dtype() == np.float32, stem
@@ -96,6 +97,7 @@ def test_anomaly_command_writes_maps_at_each_inputs_size(tmp_path):
         assert os.path.exists(os.path.join(out, f"{stem}_anomaly.png"))
     assert np.load(os.path.join(out, "case_001_slice_3_code_nll.npy")).shape == (8, 8)
     assert np.load(os.path.join(out, "volume_code_nll.npy")).shape == (3, 8, 8)
+    assert np.load(os.path.join(out, "thin_code_nll.npy")).shape == (1, 8, 8)  # one slice of a volume
     np.testing.assert_allclose(nibabel.load(os.path.join(out, "slice_anomaly.nii.gz")).affine,
                                nibabel.load(str(inputs / "slice.nii.gz")).affine)
     with open(os.path.join(out, "scores.csv")) as f:
