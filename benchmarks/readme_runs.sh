@@ -377,8 +377,9 @@ anomaly_draws "$OUT-oasis-top-deep-whole"
 # asymmetry map with the likelihood map's side share on it, three lesion draws as above; measured again 09:25-09:50
 # with the mirror image bent onto the slice, 10:08-10:35 with the asymmetry over the detail mismatch too, and
 # 12:21-12:56 with the atlas of healthy training heads as a second side judge, 14:43-15:10 with five healthy
-# heads and the scalp's weight, 15:48-16:10 with the slice score of 15:30, and 17:25-17:55 with the healthy
-# estimate (the mirror image and five heads fitted at each place; the default since): the README's
+# heads and the scalp's weight, 15:48-16:10 with the slice score of 15:30, 17:25-17:55 with the healthy
+# estimate (the mirror image and five heads fitted at each place), and 19:42-20:17 with the faster pass (heads
+# bent in 50 steps, the fit on 2x2 block means; the default since): the README's
 # anomaly table and figures. The first run after the atlas came in makes RUN/anomaly_atlas.npz (about 20 s).
 python driver.py --data "$DATA/oasis_like" --out "$OUT-oasis-default-whole2"
 anomaly_draws "$OUT-oasis-default-whole2"
