@@ -67,6 +67,8 @@ REFERENCE_VERSION = 2  # of how `reference` scores codes; a saved reference of a
 MAPS = ("asymmetry", "likelihood", "healing")  # what `anomaly_maps` returns as the map; the first is the default
 SMOOTHING = 2.0  # Gaussian sigma of the healing map, in pixels; the likelihood map's is a quarter of a code's block
 SYMMETRY_SMOOTHING = 6 / 256  # Gaussian sigma of the slice and its mirror image before they are compared, in widths
+SIDEWAYS = 0.9  # `mirror_transform`: a head is taken as lying on its side when its top-to-bottom mirror image differs
+# from it by less than this share of what its left-to-right one does (real upright heads: 1.05 and more)
 BEND_STEPS = 100  # demons steps of `mirror_field`, on a 2x smaller slice
 ATLAS_BEND_STEPS = 50  # demons steps that bend an `Atlas` head onto a slice (as good as 100 there, and half the time)
 BEND_BLUR = 3 / 256  # Gaussian sigma of the slice and its mirror image before `mirror_field` compares them, in widths
@@ -275,10 +277,14 @@ def coarse_z_map(model, prior, z, size):
 
 
 def mirror_transform(image):
-    """(angle in degrees, sideways shift in pixels) that turn and move the (H, W) slice's
-    mirror image (`mirrored`) to lie on it as well as it can: a search over angles and shifts
-    on a 4x smaller slice, then a finer one around the best (0.5 degree, 1 pixel), for the
-    least mean absolute difference inside the head. (0, 0) for a slice with no head."""
+    """(angle in degrees, sideways shift in pixels, across rows) that turn and move the (H, W)
+    slice's mirror image (`mirrored`) to lie on it as well as it can: a search over angles
+    and shifts on a 4x smaller slice, then a finer one around the best (0.5 degree, 1 pixel),
+    for the least mean absolute difference inside the head. A head lying on its side (left
+    and right running down the rows, as a 3D volume's slices may be stored) is mirrored top to
+    bottom instead (the third value True; its angle and shift are those of the transposed
+    slice) when that mirror image lies on the slice clearly better (SIDEWAYS). (0, 0, False)
+    for a slice with no head."""
 
     def best(slice_, angles, shifts):
         inside = slice_ > FOREGROUND
@@ -287,15 +293,23 @@ def mirror_transform(image):
             rotated = ndimage.rotate(slice_[:, ::-1], angle, reshape=False, order=1)
             for shift in shifts:
                 differences[angle, shift] = np.abs(shift_columns(rotated, shift) - slice_)[inside].mean()
-        return min(differences, key=differences.get)
+        found = min(differences, key=differences.get)
+        return found, differences[found]
 
-    small = image[::4, ::4]
-    if not (small > FOREGROUND).any():  # no head to align (e.g. a blank slice padding a batch): the plain mirror
-        return 0.0, 0.0
-    reach = max(1, small.shape[1] // 4)  # the head up to an eighth of the width off the centre
-    angle, shift = best(small, np.arange(-12, 12.1, 1.5), range(-reach, reach + 1))
-    angle, shift = best(image, np.arange(angle - 1.5, angle + 1.6, 0.5), np.arange(4 * shift - 4, 4 * shift + 5))
-    return float(angle), float(shift)
+    def search(view):  # coarse on the 4x smaller view, then fine around the best
+        small = view[::4, ::4]
+        reach = max(1, small.shape[1] // 4)  # the head up to an eighth of the width off the centre
+        (angle, shift), _ = best(small, np.arange(-12, 12.1, 1.5), range(-reach, reach + 1))
+        return best(view, np.arange(angle - 1.5, angle + 1.6, 0.5), np.arange(4 * shift - 4, 4 * shift + 5))
+
+    if not (image[::4, ::4] > FOREGROUND).any():  # no head to align (e.g. a blank slice padding a batch): the plain mirror
+        return 0.0, 0.0, False
+    (angle, shift), difference = search(image)
+    (sideways_angle, sideways_shift), sideways_difference = search(image.T)
+    across_rows = sideways_difference < SIDEWAYS * difference
+    if across_rows:
+        angle, shift = sideways_angle, sideways_shift
+    return float(angle), float(shift), bool(across_rows)
 
 
 def shift_columns(image, shift):
@@ -352,11 +366,14 @@ def warp(image, field):
 
 
 def mirrored(image, transform, field=None):
-    """The (H, W) image mirrored left to right, then turned and moved by `transform`
-    (`mirror_transform` of the slice it belongs to) and bent by `field` (its
-    `mirror_field`, if given): what lies at each place's mirror place."""
-    angle, shift = transform
-    if not angle and not shift:
+    """The (H, W) image mirrored left to right (top to bottom if the `transform` is across
+    rows), then turned and moved by `transform` (`mirror_transform` of the slice it belongs
+    to) and bent by `field` (its `mirror_field`, if given): what lies at each place's mirror
+    place."""
+    angle, shift, across_rows = transform
+    if across_rows:
+        flipped = mirrored(image.T, (angle, shift, False)).T
+    elif not angle and not shift:
         flipped = image[:, ::-1].copy()
     else:
         flipped = ndimage.shift(ndimage.rotate(image[:, ::-1], angle, reshape=False, order=1), (0, shift), order=1)
@@ -382,7 +399,7 @@ def each(function, items):
 
 
 def mirrors(images):
-    """Each (H, W) slice's `mirror_transform` and `mirror_field`: ([(angle, shift)], [field])."""
+    """Each (H, W) slice's `mirror_transform` and `mirror_field`: ([(angle, shift, across rows)], [field])."""
     def align(image):
         transform = mirror_transform(image)
         return transform, mirror_field(image, transform)

@@ -272,10 +272,12 @@ def test_the_mirrored_likelihood_map_is_the_same_for_a_slice_and_its_mirror_imag
 
 
 def symmetric_slice(size=64, angle=4.0, shift=4.0):
-    """A left-right symmetric 'head' (an ellipse with two mirrored inner ellipses), turned by
-    `angle` degrees and moved `shift` pixels sideways, as slices seldom sit square."""
+    """A left-right symmetric 'head' (an ellipse with two mirrored inner ellipses and one on
+    the midline at the back, so that it is not top-bottom symmetric too), turned by `angle`
+    degrees and moved `shift` pixels sideways, as slices seldom sit square."""
     y, x = np.mgrid[:size, :size] - (size - 1) / 2
-    image = 0.6 * ((x / 24) ** 2 + (y / 28) ** 2 < 1) + 0.3 * (((np.abs(x) - 10) / 5) ** 2 + (y / 8) ** 2 < 1)
+    image = (0.6 * ((x / 24) ** 2 + (y / 28) ** 2 < 1) + 0.3 * (((np.abs(x) - 10) / 5) ** 2 + (y / 8) ** 2 < 1)
+             + 0.3 * ((x / 6) ** 2 + ((y - 18) / 5) ** 2 < 1))
     return ndimage.shift(ndimage.rotate(image, angle, reshape=False, order=1), (0, shift), order=1).astype(np.float32)
 
 
@@ -286,11 +288,30 @@ def test_the_aligned_mirror_image_lies_on_a_turned_and_moved_symmetric_slice():
     aligned = np.abs(anomaly.aligned_mirror(image) - image)[inside].mean()
     assert aligned < 0.25 * plain, (aligned, plain)
     transform = anomaly.mirror_transform(image)
-    assert transform[0] != 0 and transform[1] != 0  # turned and moved, as the slice was
+    assert transform[0] != 0 and transform[1] != 0 and not transform[2]  # turned and moved, as the slice was
     field = anomaly.mirror_field(image, transform)
     np.testing.assert_allclose(anomaly.asymmetry(image[None], [transform], [field]), anomaly.asymmetry(image[None]))
-    assert anomaly.mirror_transform(np.zeros((64, 64), np.float32)) == (0.0, 0.0)  # no head: the plain mirror
+    assert anomaly.mirror_transform(np.zeros((64, 64), np.float32)) == (0.0, 0.0, False)  # no head: the plain mirror
     np.testing.assert_array_equal(anomaly.mirror_field(np.zeros((64, 64), np.float32), (0.0, 0.0)), 0)  # nor a bend
+
+
+def test_a_head_on_its_side_is_mirrored_top_to_bottom():
+    """A 3D volume's slices may hold the head on its side (left to right down the rows): its
+    mirror image is then taken across the rows, and lies on it as the upright slice's does."""
+    upright = symmetric_slice()
+    image = np.ascontiguousarray(upright.T)
+    transform = anomaly.mirror_transform(image)
+    assert transform[2]
+    np.testing.assert_allclose(transform[:2], anomaly.mirror_transform(upright)[:2])
+    np.testing.assert_allclose(anomaly.mirrored(image, transform), anomaly.mirrored(upright, transform[:2] + (False,)).T)
+    inside = image > anomaly.FOREGROUND
+    plain = np.abs(image[:, ::-1] - image)[inside].mean()
+    assert np.abs(anomaly.aligned_mirror(image) - image)[inside].mean() < 0.25 * plain
+    sick = image.copy()
+    sick[20:28, 12:20] = 1.0  # one side only: the columns 12-20 here are rows 12-20 upright
+    found = anomaly.asymmetry(np.stack([image, sick]))
+    np.testing.assert_allclose(found[0], anomaly.asymmetry(upright[None])[0].T, atol=0.01)
+    assert found[1, 20:28, 12:20].mean() > 0.1 + found[0, 20:28, 12:20].mean()
 
 
 @pytest.mark.parametrize("shift", [-70, -5, 0, 3, 70])
@@ -305,7 +326,8 @@ def test_the_bent_mirror_image_lies_on_a_slice_whose_halves_differ_but_keeps_a_b
     vanish."""
     y, x = np.mgrid[:64, :64] - 31.5
     image = (0.6 * ((x / 24) ** 2 + (y / 28) ** 2 < 1) + 0.3 * (((x + 10) / 5) ** 2 + (y / 8) ** 2 < 1)
-             + 0.3 * (((x - 12) / 6) ** 2 + (y / 8) ** 2 < 1)).astype(np.float32)
+             + 0.3 * (((x - 12) / 6) ** 2 + (y / 8) ** 2 < 1) + 0.3 * ((x / 6) ** 2 + ((y - 18) / 5) ** 2 < 1)
+             ).astype(np.float32)  # the last ellipse at the back, on the midline: upright, not on its side
     inside = image > anomaly.FOREGROUND
     transform = anomaly.mirror_transform(image)
     field = anomaly.mirror_field(image, transform)
@@ -343,7 +365,7 @@ def test_detail_mismatch_is_high_where_fine_detail_differs_and_low_inside_a_smoo
     stripes = (np.abs(y - 20) < 10) & (np.abs(x - 25) < 10)  # fine texture on one side only
     image[stripes] += 0.15 * np.sin(x[stripes] * np.pi / 2)
     image += 0.2 * np.exp(-((x + 25) ** 2 + (y + 20) ** 2) / (2 * 4 ** 2))  # a smooth blob on the other side
-    transforms = [(0.0, 0.0)]
+    transforms = [(0.0, 0.0, False)]
     found = anomaly.detail_mismatch(image[None], transforms)
     assert found.shape == (1, 128, 128)
     texture, blob = (slice(None), slice(80, 88), slice(85, 93)), (slice(None), slice(40, 48), slice(35, 43))
@@ -412,7 +434,7 @@ def test_the_side_share_favours_the_place_the_likelihood_map_marks_over_its_mirr
     near 0 at its mirror place, a half where both sides are alike."""
     maps = np.full((1, 64, 64), 0.5, np.float32)
     maps[0, 20:28, 8:16] = 3.0  # the lesion's side; its mirror place is columns 48-55
-    share = anomaly.side_share(maps, [(0.0, 0.0)])
+    share = anomaly.side_share(maps, [(0.0, 0.0, False)])
     assert share[0, 20:28, 8:16].min() > 0.8
     assert share[0, 20:28, 48:56].max() < 0.2
     np.testing.assert_allclose(share[0, 40:, :], 0.5, atol=1e-2)
