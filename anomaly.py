@@ -302,7 +302,7 @@ def mirror_transform(image):
         (angle, shift), _ = best(small, np.arange(-12, 12.1, 1.5), range(-reach, reach + 1))
         return best(view, np.arange(angle - 1.5, angle + 1.6, 0.5), np.arange(4 * shift - 4, 4 * shift + 5))
 
-    if not (image[::4, ::4] > FOREGROUND).any():  # no head to align (e.g. a blank slice padding a batch): the plain mirror
+    if not (image[::4, ::4] > FOREGROUND).any():  # no head to align (a blank slice padding a batch): the plain mirror
         return 0.0, 0.0, False
     (angle, shift), difference = search(image)
     (sideways_angle, sideways_shift), sideways_difference = search(image.T)

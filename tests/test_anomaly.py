@@ -292,7 +292,8 @@ def test_the_aligned_mirror_image_lies_on_a_turned_and_moved_symmetric_slice():
     field = anomaly.mirror_field(image, transform)
     np.testing.assert_allclose(anomaly.asymmetry(image[None], [transform], [field]), anomaly.asymmetry(image[None]))
     assert anomaly.mirror_transform(np.zeros((64, 64), np.float32)) == (0.0, 0.0, False)  # no head: the plain mirror
-    np.testing.assert_array_equal(anomaly.mirror_field(np.zeros((64, 64), np.float32), (0.0, 0.0)), 0)  # nor a bend
+    blank = np.zeros((64, 64), np.float32)
+    np.testing.assert_array_equal(anomaly.mirror_field(blank, (0.0, 0.0, False)), 0)  # nor a bend
 
 
 def test_a_head_on_its_side_is_mirrored_top_to_bottom():
@@ -303,12 +304,13 @@ def test_a_head_on_its_side_is_mirrored_top_to_bottom():
     transform = anomaly.mirror_transform(image)
     assert transform[2]
     np.testing.assert_allclose(transform[:2], anomaly.mirror_transform(upright)[:2])
-    np.testing.assert_allclose(anomaly.mirrored(image, transform), anomaly.mirrored(upright, transform[:2] + (False,)).T)
+    np.testing.assert_allclose(anomaly.mirrored(image, transform),
+                               anomaly.mirrored(upright, transform[:2] + (False,)).T)
     inside = image > anomaly.FOREGROUND
     plain = np.abs(image[:, ::-1] - image)[inside].mean()
     assert np.abs(anomaly.aligned_mirror(image) - image)[inside].mean() < 0.25 * plain
     sick = image.copy()
-    sick[20:28, 12:20] = 1.0  # one side only: the columns 12-20 here are rows 12-20 upright
+    sick[20:28, 12:20] = 1.0  # one side only (upright: rows 12-20, columns 20-28, in even tissue)
     found = anomaly.asymmetry(np.stack([image, sick]))
     np.testing.assert_allclose(found[0], anomaly.asymmetry(upright[None])[0].T, atol=0.01)
     assert found[1, 20:28, 12:20].mean() > 0.1 + found[0, 20:28, 12:20].mean()
