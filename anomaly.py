@@ -278,13 +278,25 @@ def coarse_z_map(model, prior, z, size):
 
 def mirror_transform(image):
     """(angle in degrees, sideways shift in pixels, across rows) that turn and move the (H, W)
-    slice's mirror image (`mirrored`) to lie on it as well as it can: a search over angles
-    and shifts on a 4x smaller slice, then a finer one around the best (0.5 degree, 1 pixel),
-    for the least mean absolute difference inside the head. A head lying on its side (left
-    and right running down the rows, as a 3D volume's slices may be stored) is mirrored top to
-    bottom instead (the third value True; its angle and shift are those of the transposed
-    slice) when that mirror image lies on the slice clearly better (SIDEWAYS). (0, 0, False)
-    for a slice with no head."""
+    slice's mirror image (`mirrored`) to lie on it as well as it can (`mirror_fits`). A head
+    lying on its side (left and right running down the rows, as a 3D volume's slices may be
+    stored) is mirrored top to bottom instead (the third value True; its angle and shift are
+    those of the transposed slice) when that mirror image lies on the slice clearly better
+    (SIDEWAYS). (0, 0, False) for a slice with no head."""
+    if not (image[::4, ::4] > FOREGROUND).any():  # no head to align (a blank slice padding a batch): the plain mirror
+        return 0.0, 0.0, False
+    ((angle, shift), difference), ((sideways_angle, sideways_shift), sideways_difference) = mirror_fits(image)
+    across_rows = sideways_difference < SIDEWAYS * difference
+    if across_rows:
+        angle, shift = sideways_angle, sideways_shift
+    return float(angle), float(shift), bool(across_rows)
+
+
+def mirror_fits(image):
+    """The (H, W) slice's best left-to-right and best top-to-bottom mirror image (the
+    transposed slice's left-to-right one): each ((angle, shift), the mean absolute
+    difference from the slice inside the head), found by a search over angles and shifts on
+    a 4x smaller slice, then a finer one around the best (0.5 degree, 1 pixel)."""
 
     def best(slice_, angles, shifts):
         inside = slice_ > FOREGROUND
@@ -302,14 +314,7 @@ def mirror_transform(image):
         (angle, shift), _ = best(small, np.arange(-12, 12.1, 1.5), range(-reach, reach + 1))
         return best(view, np.arange(angle - 1.5, angle + 1.6, 0.5), np.arange(4 * shift - 4, 4 * shift + 5))
 
-    if not (image[::4, ::4] > FOREGROUND).any():  # no head to align (a blank slice padding a batch): the plain mirror
-        return 0.0, 0.0, False
-    (angle, shift), difference = search(image)
-    (sideways_angle, sideways_shift), sideways_difference = search(image.T)
-    across_rows = sideways_difference < SIDEWAYS * difference
-    if across_rows:
-        angle, shift = sideways_angle, sideways_shift
-    return float(angle), float(shift), bool(across_rows)
+    return search(image), search(image.T)
 
 
 def shift_columns(image, shift):
