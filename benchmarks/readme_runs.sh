@@ -383,3 +383,10 @@ anomaly_draws "$OUT-oasis-top-deep-whole"
 # anomaly table and figures. The first run after the atlas came in makes RUN/anomaly_atlas.npz (about 20 s).
 python driver.py --data "$DATA/oasis_like" --out "$OUT-oasis-default-whole2"
 anomaly_draws "$OUT-oasis-default-whole2"
+
+# Issue 17, 2026-12-07 23:06-23:10 UTC: which way the asymmetry map mirrors real slices (a head on its side is
+# mirrored top to bottom): the README's counts, ratios and mismatches beside the anomaly command.
+python benchmarks/mirror_axis.py --data "$DATA/volumes_t1" "$DATA/oasis_like/keras_png_slices_validate" \
+    "$DATA/oasis_like/keras_png_slices_test" "$DATA/hipmri_like/keras_slices_test"
+python benchmarks/mirror_axis.py --data "$DATA/volumes_t1" "$DATA/oasis_like/keras_png_slices_validate" \
+    "$DATA/hipmri_like/keras_slices_test" --every 4 --bend
