@@ -60,6 +60,7 @@ import hierarchy
 from realism import FOREGROUND  # a slice's head: pixels above this (of [0, 1]); maps are zero outside it
 
 DRAWS = 4  # healed versions averaged per slice
+BATCH = 32  # slices mapped at once: the healing's sampler steps cost about as much for 32 slices as for 16
 QUANTILE = 0.995  # of the validation split's per-code z-scores: codes above it (and their neighbours) are redrawn
 SPREAD_FLOOR = 0.5  # nats added to each grid position's NLL spread, so that a position healthy codes always
 # predict perfectly (the background) does not turn a tiny difference into a huge z-score
@@ -172,6 +173,7 @@ class Healer:
     def __init__(self, prior, batch_size, height, width):
         self.prior = prior
         self.hierarchical = isinstance(prior, hierarchy.HierarchicalPrior)
+        self.batch_size = int(batch_size)
         self.sampler = hierarchy.sampler_for(prior, batch_size, height, width)
 
     def heal(self, codes, healthy, seed=0, z=None):
@@ -213,7 +215,8 @@ def anomaly_maps(model, healer, images, healthy, draws=DRAWS, seed=0, kind=MAPS[
     repeated = np.repeat(codes, draws, axis=0)
     healed_codes, marked = healer.heal(repeated, healthy, seed, {key: np.repeat(value, draws, axis=0)
                                                                  for key, value in z.items()})
-    decoded = model.decode_images(healed_codes)[..., 0]
+    decoded = np.concatenate([model.decode_images(healed_codes[start: start + batch])[..., 0]  # a batch at a time
+                              for start in range(0, len(healed_codes), batch)])
     healed = decoded.reshape(batch, draws, *decoded.shape[1:]).mean(axis=1)
     if kind == "healing":
         changed = (healed_codes != repeated).reshape(batch, draws, *codes.shape[1:]).any(axis=1)
@@ -718,7 +721,7 @@ def readable_files(paths, run_config):
         yield path, slices, layout
 
 
-def write_maps(model, prior, paths, run_config, out, healthy, draws=DRAWS, batch_size=16, seed=0, kind=MAPS[0],
+def write_maps(model, prior, paths, run_config, out, healthy, draws=DRAWS, batch_size=BATCH, seed=0, kind=MAPS[0],
                atlas=None):
     """Anomaly maps (`kind`, against healthy codes' `reference` and the healthy heads of
     `atlas`, if given) of every slice of the files at `paths`, written to OUT per file:
@@ -728,13 +731,14 @@ def write_maps(model, prior, paths, run_config, out, healthy, draws=DRAWS, batch
     `OUT/scores.csv` (file, score: a volume's highest slice score). Returns the rows.
 
     Slices are healed `batch_size` at a time whichever files they come from (a folder of
-    PNGs is one slice a file), and each file is written as soon as its last slice is done."""
+    PNGs is one slice a file; fewer slices in all, all at once), and each file is written as
+    soon as its last slice is done."""
     import data
     import files
 
     size, mirror = run_config["image_size"], run_config.get("pcnn_mirror", False)
     height, width = size[0] // model.downsampling, size[1] // model.downsampling
-    healer = Healer(prior, batch_size * draws, height, width)
+    healer = None  # made for the first batch: `batch_size` slices, or all of them if there are fewer
     os.makedirs(out, exist_ok=True)
     files.remove_stale_temporaries(out)
     progress, rows, waiting, queue = data.progress_bar(len(paths), "file"), [], [], []
@@ -742,9 +746,11 @@ def write_maps(model, prior, paths, run_config, out, healthy, draws=DRAWS, batch
 
     def heal_batch(count):
         """Maps of the first `count` queued slices (the batch filled up with blank slices)."""
+        nonlocal healer
+        healer = healer or Healer(prior, count * draws, height, width)
         batch, queue[:] = queue[:count], queue[count:]
         chunk = [data.fit_to_size(image[..., None], size).numpy() for _, image in batch]
-        images = np.stack(chunk + [np.zeros_like(chunk[0])] * (batch_size - len(chunk)))
+        images = np.stack(chunk + [np.zeros_like(chunk[0])] * (healer.batch_size // draws - len(chunk)))
         found = anomaly_maps(model, healer, images, healthy, draws, seed, kind, mirror, atlas)
         for i, (entry, _) in enumerate(batch):
             entry["results"].append({key: value[i] for key, value in found.items()})
@@ -819,7 +825,7 @@ def run_reference(run_dir, prior, quantile=QUANTILE):
     return healthy
 
 
-def map_folder(run_dir, folder, split="test", out=None, draws=DRAWS, quantile=QUANTILE, batch_size=16, seed=0,
+def map_folder(run_dir, folder, split="test", out=None, draws=DRAWS, quantile=QUANTILE, batch_size=BATCH, seed=0,
                kind=MAPS[0]):
     """`driver.py anomaly`: the `kind` maps of every file in `folder` (its `split` folder, if
     it has split folders) from a run's models, in `out` (default RUN/anomaly-<folder name>)."""

@@ -133,6 +133,21 @@ def test_slices_from_several_files_share_a_batch_and_each_file_gets_its_own_resu
             np.testing.assert_allclose(batched, one, rtol=1e-5, atol=1e-5)
 
 
+def test_fewer_slices_than_a_batch_are_healed_without_blank_padding(tmp_path, monkeypatch):
+    """The healer is sized to the first batch: the default batch for many slices, all the slices for
+    fewer, so that one file is not healed with a batch of blank slices beside it."""
+    run = tiny_run(str(tmp_path / "run"))
+    inputs = tmp_path / "new"
+    write_png(str(inputs / "a.png"), phantom(32, 1))
+    write_nifti(str(inputs / "b.nii"), np.random.default_rng(4).uniform(0, 500, (32, 32, 3)))
+    sizes, healer = [], anomaly.Healer
+    monkeypatch.setattr(anomaly, "Healer", lambda prior, size, *grid: sizes.append(size) or healer(prior, size, *grid))
+    for batch_size in (32, 3):
+        driver.main(["anomaly", "--run", run, "--data", str(inputs), "--out", str(tmp_path / f"maps{batch_size}"),
+                     "--draws", "2", "--batch-size", str(batch_size)])
+    assert sizes == [4 * 2, 3 * 2]  # 4 slices in all; then batches of 3 (the last one padded)
+
+
 def test_anomaly_command_errors(tmp_path):
     run = tiny_run(str(tmp_path / "run"))
     message = run_error(["anomaly", "--run", run])
