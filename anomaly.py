@@ -60,7 +60,7 @@ import hierarchy
 from realism import FOREGROUND  # a slice's head: pixels above this (of [0, 1]); maps are zero outside it
 
 DRAWS = 4  # healed versions averaged per slice
-BATCH = 32  # slices mapped at once: the healing's sampler steps cost about as much for 32 slices as for 16
+BATCH = 16  # slices mapped at once (32 was faster on some inputs, slower on others, and needs 7 GB, not 4)
 QUANTILE = 0.995  # of the validation split's per-code z-scores: codes above it (and their neighbours) are redrawn
 SPREAD_FLOOR = 0.5  # nats added to each grid position's NLL spread, so that a position healthy codes always
 # predict perfectly (the background) does not turn a tiny difference into a huge z-score

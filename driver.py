@@ -192,7 +192,7 @@ ANOMALY = ("anomaly", "Anomaly maps of every slice in a folder, from a run train
                                             "likelihood (the top level's z-scores) or healing (|slice - healed slice| "
                                             "where healing changed codes)"),
                ("--quantile", float, 0.995, "redraw the codes whose z-score is above this quantile of the validation's"),
-               ("--batch-size", int, 32, "slices mapped and healed at once (from one file or several)"),
+               ("--batch-size", int, 16, "slices mapped and healed at once (from one file or several)"),
                ("--seed", int, 0, "random seed")])
 
 

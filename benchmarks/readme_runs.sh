@@ -378,9 +378,9 @@ anomaly_draws "$OUT-oasis-top-deep-whole"
 # with the mirror image bent onto the slice, 10:08-10:35 with the asymmetry over the detail mismatch too, and
 # 12:21-12:56 with the atlas of healthy training heads as a second side judge, 14:43-15:10 with five healthy
 # heads and the scalp's weight, 15:48-16:10 with the slice score of 15:30, 17:25-17:55 with the healthy
-# estimate (the mirror image and five heads fitted at each place), 19:42-20:17 with the faster pass (heads
-# bent in 50 steps, the fit on 2x2 block means), and 2026-12-08 00:06-00:35 with 32 slices a batch (the default
-# since): the README's anomaly table and figures. The first run after the atlas came in makes RUN/anomaly_atlas.npz (about 20 s).
+# estimate (the mirror image and five heads fitted at each place), and 19:42-20:17 with the faster pass (heads
+# bent in 50 steps, the fit on 2x2 block means; the default since): the README's
+# anomaly table and figures. The first run after the atlas came in makes RUN/anomaly_atlas.npz (about 20 s).
 python driver.py --data "$DATA/oasis_like" --out "$OUT-oasis-default-whole2"
 anomaly_draws "$OUT-oasis-default-whole2"
 
@@ -392,6 +392,6 @@ python benchmarks/mirror_axis.py --data "$DATA/volumes_t1" "$DATA/oasis_like/ker
     "$DATA/hipmri_like/keras_slices_test" --every 4 --bend
 
 # Issue 17, 2026-12-08 01:03 UTC: the anomaly command at 16 and 32 slices a batch, side by side in one process
-# (the README's reason for `--batch-size 32`).
+# (the README's reason 32 was tried and not kept, with the memory and the 40-file run beside it).
 python benchmarks/anomaly_batch.py --run "$OUT-oasis-default-whole2" --data "$DATA/oasis_like" --files 64 \
     --batch-sizes 16 32
