@@ -3,11 +3,12 @@
     python benchmarks/mirror_axis.py --data ../shared/data/volumes_t1 --every 3
     python benchmarks/mirror_axis.py --data ../shared/data/oasis_like/keras_png_slices_validate
 
-For every image file under each --data folder (PNG or NIfTI, read as `driver.py anomaly`
-reads them, at their own size) and every --every-th slice with a head (over --head of its
-pixels above the foreground threshold), `anomaly.mirror_fits` finds the best left-to-right
-and the best top-to-bottom mirror image. A slice is taken as lying on its side when the
-second differs from it by under `anomaly.SIDEWAYS` times the first (`mirror_transform`).
+For every image file in each --data folder (PNG or NIfTI, found and read as `driver.py
+anomaly` finds and reads them, at their own size) and every --every-th slice with a head
+(over --head of its pixels above the foreground threshold), `anomaly.mirror_fits` finds the
+best left-to-right and the best top-to-bottom mirror image. A slice is taken as lying on its
+side when the second differs from it by under `anomaly.SIDEWAYS` times the first
+(`mirror_transform`).
 Per folder, it reports:
 
 * the slices taken as on their side;
@@ -18,7 +19,6 @@ Per folder, it reports:
 """
 
 import argparse
-import glob
 import os
 import sys
 
@@ -30,13 +30,16 @@ import table  # noqa: E402
 
 
 def folder_slices(folder, every, head_share):
-    """Every `every`-th slice with a head of each image file under `folder`, in name order."""
+    """Every `every`-th slice with a head of each image file of `folder` (its test split
+    folder, if it has split folders, as `driver.py anomaly` finds them), in name order."""
     import anomaly
+    import data
+    import runs
 
-    paths = sorted(path for path in glob.glob(os.path.join(folder, "**", "*"), recursive=True)
-                   if path.lower().endswith(anomaly.SUFFIXES))
-    if not paths:
-        raise SystemExit(f"--data {folder}: no PNG or NIfTI files under it")
+    try:
+        _, paths = runs.input_files(folder)
+    except data.DataError as error:
+        raise SystemExit(str(error)) from None
     found = []
     for path in paths:
         slices = [image for image in anomaly.file_slices(path)[0] if (image > anomaly.FOREGROUND).mean() > head_share]
