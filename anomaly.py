@@ -173,7 +173,6 @@ class Healer:
     def __init__(self, prior, batch_size, height, width):
         self.prior = prior
         self.hierarchical = isinstance(prior, hierarchy.HierarchicalPrior)
-        self.batch_size = int(batch_size)
         self.sampler = hierarchy.sampler_for(prior, batch_size, height, width)
 
     def heal(self, codes, healthy, seed=0, z=None):
@@ -750,7 +749,7 @@ def write_maps(model, prior, paths, run_config, out, healthy, draws=DRAWS, batch
         healer = healer or Healer(prior, count * draws, height, width)
         batch, queue[:] = queue[:count], queue[count:]
         chunk = [data.fit_to_size(image[..., None], size).numpy() for _, image in batch]
-        images = np.stack(chunk + [np.zeros_like(chunk[0])] * (healer.batch_size // draws - len(chunk)))
+        images = np.stack(chunk + [np.zeros_like(chunk[0])] * (healer.sampler.batch_size // draws - len(chunk)))
         found = anomaly_maps(model, healer, images, healthy, draws, seed, kind, mirror, atlas)
         for i, (entry, _) in enumerate(batch):
             entry["results"].append({key: value[i] for key, value in found.items()})
